@@ -1,0 +1,88 @@
+"""Images/s of jaxmed's supervised train step (forward + backward + Adam), data on device.
+
+    python benchmarks/train_step.py --models resnet18,resnet50 --batch-sizes 64,128 \
+        --dtypes float32,bfloat16 --size 224 --out bench_out/train_step_jax.json
+
+Measures the jitted `supervised.make_train_step` with a donated state and a device-resident
+uint8 batch (normalisation on device, as in training); the input pipeline is measured by
+benchmarks/input_pipeline.py. The PyTorch counterpart is benchmarks/torch_reference/train_step.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import ml_collections  # noqa: E402
+
+from benchmarks.common import device_name, print_table, time_call, write_json  # noqa: E402
+from jaxmed.methods import supervised  # noqa: E402
+from jaxmed.train import sharding  # noqa: E402
+
+
+def bench(model_name: str, batch: int, dtype: str, size: int, steps: int, classes: int = 1000):
+    mesh = sharding.make_mesh()
+    model_cfg = ml_collections.ConfigDict(dict(name=model_name, stem="imagenet", width=0,
+                                               dtype=dtype, pretrained=""))
+    model = supervised.build_model(model_cfg, classes)
+    train_cfg = supervised.default_config().train
+    train_cfg.lr = 1e-4
+    tx = supervised.make_optimizer(train_cfg, 1000)
+    variables = supervised.init_variables(model, model_cfg, jax.random.PRNGKey(0),
+                                          (size, size, 3))
+    state = supervised.create_state(model, variables, tx, jax.random.PRNGKey(1), mesh)
+    step = supervised.make_train_step(model, tx, loss_name="ce", multi_label=False,
+                                      compute_dtype=jnp.dtype(dtype))
+    train_step, _ = supervised.jit_steps(step, lambda s, b: b, mesh)
+    rng = np.random.default_rng(0)
+    batches = [sharding.to_global({
+        "image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+        "label": rng.integers(0, classes, batch).astype(np.int32),
+        "valid": np.ones(batch, bool)}, mesh) for _ in range(2)]
+    holder = {"state": state}
+
+    def run():
+        s = holder["state"]
+        for i in range(steps):
+            s, m = train_step(s, batches[i % 2])
+        holder["state"] = s
+        return m["loss"]
+
+    t = time_call(run, warmup=1, repeats=5, sync=jax.block_until_ready)
+    return {"model": model_name, "dtype": dtype, "batch": batch, "size": size,
+            "images_per_s": batch * steps / t["median_s"],
+            "ms_per_step": 1000 * t["median_s"] / steps,
+            "spread_ms": 1000 * (t["max_s"] - t["min_s"]) / steps,
+            "compiles": train_step._cache_size()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="resnet18,resnet50")
+    p.add_argument("--batch-sizes", default="64")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
+    p.add_argument("--out", default="bench_out/train_step_jax.json")
+    a = p.parse_args()
+    rows = []
+    for m in a.models.split(","):
+        for d in a.dtypes.split(","):
+            for b in map(int, a.batch_sizes.split(",")):
+                rows.append(bench(m, b, d, a.size, a.steps))
+                print(rows[-1], flush=True)
+    print(f"\njaxmed train step on {device_name()} (jax {jax.__version__})")
+    print_table(rows, ["model", "dtype", "batch", "size", "images_per_s", "ms_per_step",
+                       "spread_ms"])
+    write_json(a.out, {"framework": "jax", "device": device_name(), "jax": jax.__version__,
+                       "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Adapters for the official downloads of real datasets; importing registers them."""

@@ -1,0 +1,252 @@
+"""grain input pipelines: training streams, exact-once evaluation, semi-supervised and continual.
+
+Sample order is global: epoch e visits `permutation(seed, e)` of the source, trimmed to whole
+global batches (the remainder is dropped per epoch). Process p of P takes positions p, p+P, ...
+of that order, so the P local batches of a step are exactly the single-process global batch, the
+shards are disjoint and complete, and a sample's augmentation depends only on (seed, position):
+results do not change with the number of hosts or workers. Decode + resize + augment run in
+grain worker processes (`num_workers`); batches are numpy dicts of uint8 images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Iterator
+
+import grain
+import jax
+import numpy as np
+
+from jaxmed.data import augment
+from jaxmed.data.images import ImageError, decode_image
+from jaxmed.data.sources import SubsetSource, source_labels
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """record -> batch element: decode, resize to `size`, augment, attach `valid`.
+
+    on_error: 'raise' (default: the error names the file) or 'skip' (the element is kept with
+    valid=0, so losses and metrics ignore it, and the file is logged)."""
+
+    size: int | None
+    channels: int
+    chain: str = ""
+    seed: int = 0
+    on_error: str = "raise"
+
+    def __call__(self, position: int, record: dict, valid: bool = True) -> dict:
+        ops = augment.parse_chain(self.chain)
+        name = record["image"] if isinstance(record["image"], str) else f"record {record['index']}"
+        hw = None if self.size is None else (self.size, self.size)
+        try:
+            image = decode_image(record["image"], size=hw, channels=self.channels, name=name)
+            mask = None
+            if "mask" in record:
+                mask = decode_image(record["mask"], size=image.shape[:2], channels=1,
+                                    name=str(record["mask"]) if isinstance(record["mask"], str)
+                                    else f"mask of record {record['index']}")
+        except ImageError as e:
+            if self.on_error != "skip":
+                raise
+            log.warning("skipping bad image (on_error='skip'): %s", e)
+            c = self.channels
+            image = np.zeros((self.size or 1, self.size or 1, c), np.uint8)
+            mask = None if "mask" not in record else np.zeros(image.shape[:2] + (1,), np.uint8)
+            valid = False
+        if ops:
+            rng = np.random.default_rng([self.seed, 7, int(position)])
+            if mask is not None:  # geometric ops move image and mask together
+                both = augment.apply_chain(ops, np.concatenate([image, mask], -1), rng)
+                image, mask = both[..., :-1], both[..., -1:]
+            else:
+                image = augment.apply_chain(ops, image, rng)
+        out = {"image": np.ascontiguousarray(image), "label": record["label"],
+               "attrs": dict(record.get("attrs", {})), "index": np.int32(record["index"]),
+               "valid": np.bool_(valid)}
+        if mask is not None:
+            out["mask"] = np.ascontiguousarray(mask[..., 0])
+        return out
+
+
+class _EpochOrder:
+    """Global position -> source index: a fresh permutation per epoch, whole batches only."""
+
+    def __init__(self, n: int, per_epoch: int, seed: int, shuffle: bool):
+        self.n, self.per_epoch, self.seed, self.shuffle = n, per_epoch, seed, shuffle
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def __call__(self, position: int) -> int:
+        epoch, j = divmod(int(position), self.per_epoch)
+        if not self.shuffle:
+            return j
+        if self._cache is None or self._cache[0] != epoch:
+            self._cache = (epoch, np.random.default_rng([self.seed, 3, epoch]).permutation(self.n))
+        return int(self._cache[1][j])
+
+
+@dataclasses.dataclass
+class _Load:
+    source: Any
+    order: _EpochOrder
+    preprocess: Preprocess
+
+    def __call__(self, position: int) -> dict:
+        return self.preprocess(position, self.source[self.order(position)])
+
+
+@dataclasses.dataclass
+class _LoadPadded:
+    source: Any
+    preprocess: Preprocess
+
+    def __call__(self, position: int) -> dict:
+        n = len(self.source)
+        return self.preprocess(position, self.source[int(position) % n], valid=position < n)
+
+
+def process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    return (jax.process_index() if process_index is None else process_index,
+            jax.process_count() if process_count is None else process_count)
+
+
+def local_batch_size(global_batch: int, process_count: int) -> int:
+    if global_batch % process_count:
+        raise ValueError(f"global batch {global_batch} does not split over {process_count} "
+                         "processes")
+    return global_batch // process_count
+
+
+@dataclasses.dataclass
+class TrainStream:
+    """A checkpointable iterator of host-local training batches."""
+
+    dataset: Any  # grain IterDataset
+    steps_per_epoch: int
+    num_epochs: int
+    iterator: Any = None
+
+    def __post_init__(self):
+        self.iterator = iter(self.dataset)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self.iterator)
+
+
+def _maybe_prefetch(ds, num_workers: int):
+    it = ds.to_iter_dataset()
+    if num_workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return it
+
+
+def train_stream(source, *, global_batch: int, preprocess: Preprocess, seed: int,
+                 num_epochs: int, shuffle: bool = True, num_workers: int = 0,
+                 process_index: int | None = None, process_count: int | None = None
+                 ) -> TrainStream:
+    """Shuffled, augmented training batches for `num_epochs` epochs (remainder dropped)."""
+    p, count = process_layout(process_index, process_count)
+    local = local_batch_size(global_batch, count)
+    steps = len(source) // global_batch
+    if steps == 0:
+        raise ValueError(f"training set of {len(source)} samples is smaller than one global "
+                         f"batch of {global_batch}")
+    order = _EpochOrder(len(source), steps * global_batch, seed, shuffle)
+    ds = grain.MapDataset.range(num_epochs * steps * global_batch)[p::count]
+    ds = ds.map(_Load(source, order, preprocess)).batch(local, drop_remainder=True)
+    return TrainStream(_maybe_prefetch(ds, num_workers), steps, num_epochs)
+
+
+def eval_dataset(source, *, global_batch: int, preprocess: Preprocess,
+                 process_index: int | None = None, process_count: int | None = None):
+    """Every sample exactly once: the last batch is padded and padding has valid=False."""
+    p, count = process_layout(process_index, process_count)
+    local = local_batch_size(global_batch, count)
+    padded = math.ceil(len(source) / global_batch) * global_batch
+    ds = grain.MapDataset.range(padded)[p::count]
+    return ds.map(_LoadPadded(source, preprocess)).batch(local, drop_remainder=False)
+
+
+def eval_batches(source, *, global_batch: int, preprocess: Preprocess, num_workers: int = 0,
+                 process_index: int | None = None, process_count: int | None = None
+                 ) -> Iterator[dict]:
+    ds = eval_dataset(source, global_batch=global_batch, preprocess=preprocess,
+                      process_index=process_index, process_count=process_count)
+    return iter(_maybe_prefetch(ds, num_workers))
+
+
+# ------------------------------------------------------------------ semi-supervised streams
+@dataclasses.dataclass(frozen=True)
+class TwoViews:
+    """An unlabeled element: a weak and a strong view of the same image, and its index."""
+
+    weak: Preprocess
+    strong: Preprocess
+
+    def __call__(self, position: int, record: dict) -> dict:
+        w = self.weak(position, record)
+        s = self.strong(position, record)
+        return {"weak": w["image"], "strong": s["image"], "index": w["index"],
+                "valid": w["valid"] & s["valid"]}
+
+
+@dataclasses.dataclass
+class _LoadViews:
+    source: Any
+    order: _EpochOrder
+    views: TwoViews
+
+    def __call__(self, position: int) -> dict:
+        return self.views(position, self.source[self.order(position)])
+
+
+def semi_supervised_stream(labeled, unlabeled, *, global_batch: int, mu: int,
+                           labeled_preprocess: Preprocess, views: TwoViews, seed: int,
+                           num_steps: int, num_workers: int = 0,
+                           process_index: int | None = None,
+                           process_count: int | None = None) -> TrainStream:
+    """Zip a labeled stream (B per step) with an unlabeled one (mu * B per step, weak + strong
+    views); each restarts with a fresh permutation whenever it runs out."""
+    p, count = process_layout(process_index, process_count)
+    local = local_batch_size(global_batch, count)
+    streams = []
+    for src, batch, fn in ((labeled, global_batch, labeled_preprocess),
+                           (unlabeled, mu * global_batch, views)):
+        per_epoch = (len(src) // batch) * batch
+        if per_epoch == 0:
+            raise ValueError(f"a split of {len(src)} samples is smaller than one batch of {batch}")
+        order = _EpochOrder(len(src), per_epoch, seed + len(streams), True)
+        ds = grain.MapDataset.range(num_steps * batch)[p::count]
+        load = _Load(src, order, fn) if fn is labeled_preprocess else _LoadViews(src, order, fn)
+        streams.append(ds.map(load).batch(batch // count, drop_remainder=True))
+    del local
+    zipped = grain.MapDataset.range(num_steps).map(_Zip(streams[0], streams[1]))
+    return TrainStream(_maybe_prefetch(zipped, num_workers), num_steps, 1)
+
+
+@dataclasses.dataclass
+class _Zip:
+    labeled: Any
+    unlabeled: Any
+
+    def __call__(self, step: int) -> dict:
+        return {"labeled": self.labeled[int(step)], "unlabeled": self.unlabeled[int(step)]}
+
+
+# ------------------------------------------------------------------------ continual streams
+def split_by_class_groups(source, groups: list[list[int]]) -> list[SubsetSource]:
+    """One source per task, holding the samples whose (single) label is in the task's classes."""
+    labels = source_labels(source)
+    if labels.ndim != 1:
+        raise ValueError("class-incremental task splits need single-label data")
+    seen = [c for g in groups for c in g]
+    if len(seen) != len(set(seen)):
+        raise ValueError(f"class groups overlap: {groups}")
+    return [SubsetSource(source, np.flatnonzero(np.isin(labels, g))) for g in groups]

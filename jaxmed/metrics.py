@@ -1,0 +1,174 @@
+"""Evaluation metrics in numpy, vectorised over leading axes where a sweep needs it.
+
+Definitions follow scikit-learn (tests compare against it): AP is the step-wise
+`average_precision_score` (no interpolation, tied scores grouped), AUC the Mann-Whitney
+statistic with average ranks for ties, balanced accuracy the mean recall over the classes present
+in `y_true`. A binary quantity that is undefined (no positives or no negatives) is NaN and
+macro averages skip it (`nanmean`).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+
+def _nanmean(x, axis=None):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(x, axis=axis)
+
+
+def rank_average(x: np.ndarray) -> np.ndarray:
+    """1-based ranks along the last axis, ties getting their average rank (scipy 'average')."""
+    x = np.asarray(x)
+    n = x.shape[-1]
+    order = np.argsort(x, axis=-1, kind="stable")
+    xs = np.take_along_axis(x, order, -1)
+    pos = np.broadcast_to(np.arange(n), xs.shape)
+    starts = np.ones(xs.shape, bool)
+    starts[..., 1:] = xs[..., 1:] != xs[..., :-1]
+    ends = np.ones(xs.shape, bool)
+    ends[..., :-1] = starts[..., 1:]
+    first = np.maximum.accumulate(np.where(starts, pos, 0), axis=-1)
+    last = np.flip(np.minimum.accumulate(np.flip(np.where(ends, pos, n - 1), -1), axis=-1), -1)
+    ranks = np.empty(xs.shape, np.float64)
+    np.put_along_axis(ranks, order, (first + last) / 2.0 + 1.0, -1)
+    return ranks
+
+
+def binary_auc(scores, labels) -> np.ndarray:
+    """ROC AUC of binary problems along the last axis (any leading shape)."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels) > 0.5
+    pos = labels.sum(-1)
+    neg = labels.shape[-1] - pos
+    rank_sum = np.sum(rank_average(scores) * labels, axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (rank_sum - pos * (pos + 1) / 2.0) / (pos * neg)
+    return np.where((pos > 0) & (neg > 0), auc, np.nan)
+
+
+def binary_average_precision(scores, labels) -> np.ndarray:
+    """scikit-learn's average precision along the last axis (any leading shape)."""
+    scores, labels = np.asarray(scores, np.float64), (np.asarray(labels) > 0.5)
+    order = np.argsort(-scores, axis=-1, kind="stable")
+    s = np.take_along_axis(scores, order, -1)
+    y = np.take_along_axis(labels, order, -1).astype(np.float64)
+    tps = np.cumsum(y, -1)
+    n = np.arange(1, y.shape[-1] + 1)
+    precision = tps / n
+    ends = np.ones(s.shape, bool)
+    ends[..., :-1] = s[..., 1:] != s[..., :-1]  # last element of each run of tied scores
+    tp_at_end = np.where(ends, tps, 0.0)
+    prev = np.concatenate([np.zeros(tps.shape[:-1] + (1,)),
+                           np.maximum.accumulate(tp_at_end, -1)[..., :-1]], -1)
+    pos = tps[..., -1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap = np.sum(np.where(ends, (tps - prev) * precision, 0.0), -1) / pos
+    return np.where(pos > 0, ap, np.nan)
+
+
+def per_class_auc(probs, labels_onehot) -> np.ndarray:
+    """(..., N, C) scores and 0/1 labels -> (..., C) one-vs-rest AUC."""
+    return binary_auc(np.swapaxes(probs, -1, -2), np.swapaxes(labels_onehot, -1, -2))
+
+
+def per_class_ap(probs, labels_onehot) -> np.ndarray:
+    """(..., N, C) scores and 0/1 labels -> (..., C) average precision."""
+    return binary_average_precision(np.swapaxes(probs, -1, -2),
+                                    np.swapaxes(labels_onehot, -1, -2))
+
+
+def macro_auc(probs, labels_onehot) -> float:
+    return float(_nanmean(per_class_auc(probs, labels_onehot)))
+
+
+def mean_average_precision(probs, labels_onehot) -> float:
+    return float(_nanmean(per_class_ap(probs, labels_onehot)))
+
+
+def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
+    """C[i, j] = number of samples of true class i predicted as j."""
+    idx = np.asarray(y_true, np.int64) * num_classes + np.asarray(y_pred, np.int64)
+    return np.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def accuracy(y_true, y_pred) -> float:
+    return float(np.mean(np.asarray(y_true) == np.asarray(y_pred)))
+
+
+def balanced_accuracy(y_true, y_pred, num_classes: int) -> float:
+    cm = confusion_matrix(y_true, y_pred, num_classes)
+    support = cm.sum(1)
+    present = support > 0
+    return float(np.mean(np.diag(cm)[present] / support[present]))
+
+
+def binary_counts(y_true, y_pred):
+    """tp, fp, fn, tn per column of 0/1 arrays (..., N, C) -> (..., C) each."""
+    t, p = np.asarray(y_true) > 0.5, np.asarray(y_pred) > 0.5
+    tp = np.sum(t & p, -2)
+    fp = np.sum(~t & p, -2)
+    fn = np.sum(t & ~p, -2)
+    tn = np.sum(~t & ~p, -2)
+    return tp, fp, fn, tn
+
+
+def _ratio(num, den):
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.maximum(den, 1), np.nan)
+
+
+def f1_from_counts(tp, fp, fn) -> np.ndarray:
+    """F1 per class; 0 where the class is neither predicted nor present (zero_division=0)."""
+    den = 2 * tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, 2 * tp / np.maximum(den, 1), 0.0)
+
+
+def sensitivity_specificity(tp, fp, fn, tn):
+    return _ratio(tp, tp + fn), _ratio(tn, tn + fp)
+
+
+def one_hot(y, num_classes: int) -> np.ndarray:
+    return np.eye(num_classes, dtype=np.float32)[np.asarray(y, np.int64)]
+
+
+def single_label_metrics(probs, labels) -> dict:
+    """probs (N, C), integer labels (N,) -> the standard single-label report."""
+    probs, labels = np.asarray(probs), np.asarray(labels, np.int64)
+    c = probs.shape[-1]
+    pred = probs.argmax(-1)
+    tp, fp, fn, tn = binary_counts(one_hot(labels, c), one_hot(pred, c))
+    sens, spec = sensitivity_specificity(tp, fp, fn, tn)
+    present = np.bincount(labels, minlength=c) > 0
+    return {
+        "accuracy": accuracy(labels, pred),
+        "balanced_accuracy": balanced_accuracy(labels, pred, c),
+        "auc": macro_auc(probs, one_hot(labels, c)),
+        "map": mean_average_precision(probs, one_hot(labels, c)),
+        "f1": float(np.mean(f1_from_counts(tp, fp, fn)[present | (tp + fp > 0)])),
+        "sensitivity": float(_nanmean(sens)),
+        "specificity": float(_nanmean(spec)),
+    }
+
+
+def multi_label_metrics(probs, labels, threshold: float = 0.5) -> dict:
+    """probs (N, C) sigmoid outputs, labels (N, C) 0/1 -> macro report.
+
+    accuracy is element-wise (Hamming) accuracy at `threshold`; balanced_accuracy the mean over
+    classes of (sensitivity + specificity) / 2."""
+    probs, labels = np.asarray(probs), np.asarray(labels)
+    pred = probs >= threshold
+    tp, fp, fn, tn = binary_counts(labels, pred)
+    sens, spec = sensitivity_specificity(tp, fp, fn, tn)
+    return {
+        "accuracy": float(np.mean(pred == (labels > 0.5))),
+        "balanced_accuracy": float(_nanmean((sens + spec) / 2)),
+        "auc": macro_auc(probs, labels),
+        "map": mean_average_precision(probs, labels),
+        "f1": float(np.mean(f1_from_counts(tp, fp, fn))),
+        "sensitivity": float(_nanmean(sens)),
+        "specificity": float(_nanmean(spec)),
+    }

@@ -1,0 +1,1 @@
+"""Pruning: masks as pytrees beside the params, criteria, schedules, structured compaction."""

@@ -1,0 +1,1 @@
+"""Loop machinery shared by every method: state, sharding, checkpoints, writers, the loop."""

@@ -1,0 +1,83 @@
+"""Checkpoints: orbax CheckpointManager holding the train state, the data iterator's position
+and a JSON item (config + loop bookkeeping). All orbax usage lives here, so moving to orbax v1
+touches one file.
+
+Saves are async (the device->host copy happens before `save` returns, so the state can be
+donated right after); `wait()` before reading a checkpoint back or exiting. Only committed
+checkpoints are ever listed or restored: a crash mid-save leaves the previous ones intact.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        policy = ocp.checkpoint_managers.LatestN(n=keep) if keep else None
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policy, enable_async_checkpointing=async_save,
+            create=True, cleanup_tmp_directories=True)
+        handlers = {"state": ocp.StandardCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler(),
+                    "data": grain.checkpoint.CheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_handlers=handlers)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, *, data_iterator: Any = None,
+             meta: dict | None = None) -> None:
+        if int(step) in self.manager.all_steps():
+            return  # already saved (a resumed run reaching a step it had checkpointed)
+        items = {"state": ocp.args.StandardSave(state),
+                 "meta": ocp.args.JsonSave(meta or {})}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, step: int | None, abstract_state: Any, *, data_iterator: Any = None
+                ) -> tuple[Any, dict]:
+        """Restore `state` (shaped and sharded like `abstract_state`) and the iterator in place."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        items = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(int(step), args=ocp.args.Composite(**items))
+        return restored["state"], dict(restored["meta"] or {})
+
+    def restore_raw(self, step: int | None = None) -> tuple[dict, dict]:
+        """The saved state as nested dicts of numpy arrays, readable on any device layout (no
+        abstract tree needed), and its meta."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        tree = self.manager.item_metadata(int(step))["state"]
+        here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                              tree)
+        restored = self.manager.restore(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        restored = {"state": jax.device_get(restored["state"]), "meta": restored["meta"]}
+        return restored["state"], dict(restored["meta"] or {})
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,192 @@
+"""The training loop every method shares: steps, logging, evaluation cadence, early stopping,
+checkpoints with resume, and the NaN guard. Step functions stay pure; this file holds the
+side effects.
+
+Guarantees:
+  - resume: if `workdir/checkpoints/` holds a checkpoint, the state, the data iterator's position
+    and the loop's bookkeeping are restored and training continues from there (bitwise the same
+    as an uninterrupted run on the same hardware);
+  - NaN guard: train metrics are fetched before every checkpoint and every `log_every` steps; a
+    non-finite loss or gradient norm stops the run with the first bad step named, and no
+    checkpoint is ever written after it, so the last one stays good;
+  - the final evaluation is on the test split (with the best checkpoint when early stopping
+    selects one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Callable, Iterable
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from jaxmed.train import sharding
+from jaxmed.train.checkpoint import Checkpointer
+from jaxmed.train.writers import MetricWriter
+
+log = logging.getLogger(__name__)
+
+GUARDED = ("loss", "grad_norm")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN / Inf; the message names the step and the last good checkpoint."""
+
+
+@dataclasses.dataclass
+class LoopSettings:
+    """The loop's part of `config.train` (see methods/supervised.py for the keys)."""
+
+    epochs: int
+    steps: int = 0  # if > 0, stop after this many steps (overrides epochs)
+    log_every: int = 50
+    eval_every: int = 0  # steps; 0 = once per epoch; < 0 = never before the end
+    checkpoint_every: int = 0  # steps; 0 = once per epoch
+    keep_checkpoints: int = 3
+    early_stop_metric: str = ""  # e.g. 'val/loss'; empty = no model selection
+    early_stop_mode: str = "min"
+    patience: int = 0  # evaluations without improvement before stopping; 0 = never stop
+    progress: bool = True
+
+    @classmethod
+    def from_config(cls, train_cfg) -> "LoopSettings":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: train_cfg[k] for k in names if k in train_cfg})
+
+
+def _better(a: float, b: float | None, mode: str) -> bool:
+    return b is None or (a < b if mode == "min" else a > b)
+
+
+def train_loop(*, workdir: str, settings: LoopSettings, state: Any, train_step: Callable,
+               make_stream: Callable[[], Any], evaluate: Callable[[Any, str], dict],
+               mesh, writer: MetricWriter, meta: dict | None = None,
+               hooks: Iterable[Callable[[int, Any], None]] = (),
+               eval_splits: tuple[str, ...] = ("val",), final_split: str = "test",
+               global_batch: int = 0) -> tuple[Any, dict]:
+    """Run (or resume) training; returns the final state and the final split's metrics.
+
+    train_step(state, global_batch) -> (state, {name: scalar}); evaluate(state, split) -> metrics
+    dict without the split prefix; make_stream() -> a fresh `TrainStream`."""
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=settings.keep_checkpoints)
+    best_ckpt = None
+    if settings.early_stop_metric:
+        best_ckpt = Checkpointer(os.path.join(workdir, "checkpoints_best"), keep=1)
+    stream = make_stream()
+    spe = stream.steps_per_epoch
+    total = settings.steps if settings.steps > 0 else settings.epochs * spe
+    total = min(total, stream.num_epochs * spe)
+    book = {"best_value": None, "best_step": None, "bad_evals": 0, "stopped_early": False,
+            "last_eval_step": None}
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, saved = ckpt.restore(latest, state, data_iterator=stream.iterator)
+        book.update(saved.get("loop", {}))
+        log.info("resumed from %s at step %d", ckpt.directory, latest)
+        print(f"resuming from checkpoint step {latest} in {ckpt.directory}", flush=True)
+    step = int(jax.device_get(state.step))
+    eval_every = settings.eval_every if settings.eval_every != 0 else spe
+    ckpt_every = settings.checkpoint_every if settings.checkpoint_every > 0 else spe
+    meta = dict(meta or {})
+
+    pending: list[tuple[int, dict]] = []
+    last_log = (time.time(), step)
+    bar = tqdm(total=total, initial=step, disable=not (settings.progress
+                                                        and sharding.is_lead_process()),
+               unit="step", dynamic_ncols=True, mininterval=2.0)
+
+    def flush():
+        """Fetch pending train metrics, stop on a non-finite value, log means and images/s."""
+        nonlocal pending, last_log
+        if not pending:
+            return
+        fetched = sharding.to_host([m for _, m in pending])
+        for (s, _), m in zip(pending, fetched):
+            for k in GUARDED:
+                if k in m and not np.isfinite(m[k]):
+                    ckpt.wait()
+                    good = ckpt.latest_step()
+                    raise NonFiniteLossError(
+                        f"train/{k} is {float(m[k])} at step {s}: run stopped. Last good "
+                        f"checkpoint: step {good} in {ckpt.directory}")
+        now = time.time()
+        means = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        if global_batch:
+            means["train/images_per_sec"] = global_batch * (step - last_log[1]) / max(
+                now - last_log[0], 1e-9)
+        writer.write(step, means)
+        bar.set_postfix({k.split("/")[1]: f"{v:.4g}" for k, v in means.items()}, refresh=False)
+        pending, last_log = [], (now, step)
+
+    def save():
+        flush()
+        ckpt.save(step, state, data_iterator=stream.iterator, meta={**meta, "loop": book})
+
+    stop = bool(book["stopped_early"])
+    while step < total and not stop:
+        batch = next(stream)
+        state, metrics = train_step(state, sharding.to_global(batch, mesh))
+        step += 1
+        bar.update(1)
+        pending.append((step, metrics))
+        if step % settings.log_every == 0:
+            flush()
+        if (eval_every > 0 and step % eval_every == 0) or step == total:
+            flush()
+            stop = _evaluate_and_select(state, step, evaluate, eval_splits, writer, settings,
+                                        book, best_ckpt)
+        if step % ckpt_every == 0 or stop or step == total:
+            save()
+        for hook in hooks:
+            hook(step, state)
+    flush()
+    bar.close()
+    if ckpt.latest_step() != step:
+        save()
+    ckpt.wait()
+    if best_ckpt is not None:
+        best_ckpt.wait()
+        if best_ckpt.latest_step() is not None:
+            state, _ = best_ckpt.restore(None, state)
+            log.info("final evaluation with the best checkpoint (step %s)", book["best_step"])
+    final = {}
+    if final_split:
+        final = evaluate(state, final_split)
+        writer.write(step, {f"{final_split}/{k}": v for k, v in final.items()})
+    ckpt.close()
+    if best_ckpt is not None:
+        best_ckpt.close()
+    return state, final
+
+
+def _evaluate_and_select(state, step, evaluate, splits, writer, settings, book, best_ckpt
+                         ) -> bool:
+    """Evaluate on each split; update the best checkpoint; True if early stopping triggers."""
+    results = {}
+    for split in splits:
+        results.update({f"{split}/{k}": v for k, v in evaluate(state, split).items()})
+    writer.write(step, results)
+    book["last_eval_step"] = step
+    key = settings.early_stop_metric
+    if not key:
+        return False
+    if key not in results:
+        raise KeyError(f"early_stop_metric {key!r} is not among the evaluation metrics "
+                       f"{sorted(results)}")
+    value = float(results[key])
+    if _better(value, book["best_value"], settings.early_stop_mode):
+        book.update(best_value=value, best_step=step, bad_evals=0)
+        best_ckpt.save(step, state, meta={"best_value": value, "metric": key})
+        return False
+    book["bad_evals"] += 1
+    if settings.patience and book["bad_evals"] >= settings.patience:
+        book["stopped_early"] = True
+        log.info("early stop at step %d: %s did not improve for %d evaluations", step, key,
+                 settings.patience)
+        return True
+    return False

@@ -1,0 +1,65 @@
+"""Mesh over every device of every process, with one `data` axis.
+
+Host-local numpy batches become global `jax.Array`s sharded on `data`; state is replicated.
+Methods never touch devices directly: they call `to_global` and jit with these shardings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def make_mesh(devices: list | None = None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P("data"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def check_global_batch(global_batch: int, mesh: Mesh) -> None:
+    if global_batch % mesh.devices.size:
+        raise ValueError(f"global batch {global_batch} is not a multiple of the "
+                         f"{mesh.devices.size} devices")
+
+
+def to_global(batch: Any, mesh: Mesh) -> Any:
+    """Host-local numpy pytree (leading axis = this process's rows) -> global jax.Arrays."""
+    sharding = data_sharding(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Place a host pytree (identical on every process) replicated on the mesh."""
+    sharding = replicated(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+        sharding, np.asarray(x), np.shape(x)), tree)
+
+
+def to_host(tree: Any) -> Any:
+    """Global arrays -> numpy on every process (gathers across hosts when needed)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+
+    def get(x):
+        if not isinstance(x, jax.Array):
+            return np.asarray(x)
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.tree.map(get, tree)
+
+
+def is_lead_process() -> bool:
+    return jax.process_index() == 0

@@ -1,0 +1,30 @@
+"""Train the tiny config and SIGKILL this process at step KILL_AT, once the checkpoint of step
+WAIT_FOR has committed (so the kill lands after a checkpoint, mid-way through later steps).
+
+    python tests/scripts/train_then_kill.py WORKDIR WAIT_FOR KILL_AT
+"""
+
+import os
+import signal
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from jaxmed.methods import supervised  # noqa: E402
+from tests.configs import tiny  # noqa: E402
+
+workdir, wait_for, kill_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+
+def kill_hook(step, state):
+    if step != kill_at:
+        return
+    marker = os.path.join(workdir, "checkpoints", str(wait_for), "commit_success.txt")
+    deadline = time.time() + 60
+    while not os.path.exists(marker) and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+supervised.train_and_evaluate(tiny.get_config(), workdir, hooks=[kill_hook])
