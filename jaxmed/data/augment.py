@@ -64,8 +64,9 @@ def translate(x, rng, pad: int = 4):
     return np.ascontiguousarray(padded[i:i + h, j:j + w])
 
 
-def random_resized_crop(x, rng, min_scale: float = 0.08, ratio=(3 / 4, 4 / 3)):
-    """torchvision's RandomResizedCrop: 10 tries at a random area/aspect, else centre crop."""
+def random_resized_crop(x, rng, min_scale: float = 0.08, ratio=(3 / 4, 4 / 3), out_hw=None):
+    """torchvision's RandomResizedCrop: 10 tries at a random area/aspect, else centre crop;
+    the crop is resized to `out_hw` (default: the input's size)."""
     h, w = x.shape[:2]
     area = h * w
     for _ in range(10):
@@ -84,7 +85,8 @@ def random_resized_crop(x, rng, min_scale: float = 0.08, ratio=(3 / 4, 4 / 3)):
         else:
             cw, ch = w, h
         i, j = (h - ch) // 2, (w - cw) // 2
-    crop = _pil(x).resize((w, h), Image.BILINEAR, box=(j, i, j + cw, i + ch))
+    oh, ow = out_hw or (h, w)
+    crop = _pil(x).resize((ow, oh), Image.BILINEAR, box=(j, i, j + cw, i + ch))
     return _np(crop, x.shape[-1])
 
 
@@ -147,17 +149,29 @@ HOST_OPS: dict[str, Callable] = {
 }
 
 
-def parse_chain(spec: str) -> list[HostOp]:
-    """'rrc(0.08)|flip|rotate(15)' -> list of ops; unknown names fail naming the op."""
-    ops = []
+GEOMETRIC = ("flip", "vflip", "rotate", "translate", "rrc")  # safe to apply to masks too
+
+
+def chain_names(spec: str) -> list[str]:
+    return [re.match(r"\w*", p.strip()).group(0) for p in (spec or "").split("|") if p.strip()]
+
+
+def chain_args(spec: str) -> list[list]:
+    """'rrc(0.08)|rotate(15)|flip' -> [[0.08], [15], []]."""
+    out = []
     for part in filter(None, (p.strip() for p in (spec or "").split("|"))):
         m = re.fullmatch(r"(\w+)(?:\((.*)\))?", part)
         if not m or m.group(1) not in HOST_OPS:
             raise ValueError(f"unknown augmentation {part!r} in {spec!r}; known: {sorted(HOST_OPS)}")
-        fn = HOST_OPS[m.group(1)]
-        args = [float(a) if "." in a else int(a) for a in m.group(2).split(",")] if m.group(2) else []
-        ops.append(lambda x, rng, fn=fn, args=args: fn(x, rng, *args))
-    return ops
+        out.append([float(a) if "." in a else int(a) for a in m.group(2).split(",")]
+                   if m.group(2) else [])
+    return out
+
+
+def parse_chain(spec: str) -> list[HostOp]:
+    """'rrc(0.08)|flip|rotate(15)' -> list of ops; unknown names fail naming the op."""
+    return [lambda x, rng, fn=HOST_OPS[name], args=args: fn(x, rng, *args)
+            for name, args in zip(chain_names(spec), chain_args(spec))]
 
 
 def apply_chain(ops: list[HostOp], x: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -54,23 +54,28 @@ def to_8bit(img: Image.Image, name: str) -> Image.Image:
 
 
 def decode_image(data: Any, *, size: tuple[int, int] | None = None, channels: int = 3,
-                 name: str | None = None) -> np.ndarray:
+                 name: str | None = None, nearest: bool = False,
+                 at_least: tuple[int, int] | None = None) -> np.ndarray:
     """Decode to uint8 (H, W, channels). `size` (H, W) resizes with bilinear filtering
-    (antialiased); `channels` 1 averages RGB to luminance, 3 replicates grayscale."""
+    (antialiased), or nearest-neighbour for label masks; `channels` 1 averages RGB to
+    luminance, 3 replicates grayscale. `at_least` (H, W) instead keeps the aspect ratio and
+    only lets JPEG draft decoding shrink the image while it still covers that size (for crops
+    taken from the full image)."""
     name = name or (str(data) if not isinstance(data, (bytes, bytearray)) else "<bytes>")
     if isinstance(data, np.ndarray):
         img = Image.fromarray(data.squeeze(-1) if data.ndim == 3 and data.shape[-1] == 1
                               else data)
     else:
         img = _open(data, name)
-        if size is not None and img.format == "JPEG":
-            img.draft(img.mode, (size[1], size[0]))
+        target = size or at_least
+        if target is not None and img.format == "JPEG" and not nearest:
+            img.draft(img.mode, (target[1], target[0]))
     try:
         img.load()
         img = to_8bit(img, name)
         img = img.convert("RGB" if channels == 3 else "L")
         if size is not None and img.size != (size[1], size[0]):
-            img = img.resize((size[1], size[0]), Image.BILINEAR)
+            img = img.resize((size[1], size[0]), Image.NEAREST if nearest else Image.BILINEAR)
         arr = np.asarray(img, dtype=np.uint8)
     except ImageError:
         raise

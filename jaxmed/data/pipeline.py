@@ -41,13 +41,19 @@ class Preprocess:
 
     def __call__(self, position: int, record: dict, valid: bool = True) -> dict:
         ops = augment.parse_chain(self.chain)
+        names = augment.chain_names(self.chain)
         name = record["image"] if isinstance(record["image"], str) else f"record {record['index']}"
         hw = None if self.size is None else (self.size, self.size)
+        # A chain that starts with a random resized crop crops the full (draft-decoded) image
+        # and resizes once, as torchvision does, instead of resizing twice.
+        crop_first = bool(names) and names[0] == "rrc" and "mask" not in record and hw
         try:
-            image = decode_image(record["image"], size=hw, channels=self.channels, name=name)
+            image = decode_image(record["image"], size=None if crop_first else hw,
+                                 at_least=hw if crop_first else None, channels=self.channels,
+                                 name=name)
             mask = None
             if "mask" in record:
-                mask = decode_image(record["mask"], size=image.shape[:2], channels=1,
+                mask = decode_image(record["mask"], size=image.shape[:2], channels=1, nearest=True,
                                     name=str(record["mask"]) if isinstance(record["mask"], str)
                                     else f"mask of record {record['index']}")
         except ImageError as e:
@@ -61,8 +67,16 @@ class Preprocess:
         if ops:
             rng = np.random.default_rng([self.seed, 7, int(position)])
             if mask is not None:  # geometric ops move image and mask together
+                other = [n for n in augment.chain_names(self.chain) if n not in augment.GEOMETRIC]
+                if other:
+                    raise ValueError(f"augmentation {other} would alter segmentation masks; "
+                                     f"records with masks take only {augment.GEOMETRIC}")
                 both = augment.apply_chain(ops, np.concatenate([image, mask], -1), rng)
                 image, mask = both[..., :-1], both[..., -1:]
+            elif crop_first:
+                args = augment.chain_args(self.chain)[0]
+                image = augment.random_resized_crop(image, rng, *args, out_hw=hw)
+                image = augment.apply_chain(ops[1:], image, rng)
             else:
                 image = augment.apply_chain(ops, image, rng)
         out = {"image": np.ascontiguousarray(image), "label": record["label"],
@@ -140,17 +154,25 @@ class TrainStream:
         return next(self.iterator)
 
 
-def _maybe_prefetch(ds, num_workers: int):
-    it = ds.to_iter_dataset()
+def _maybe_prefetch(ds, num_workers: int, read_threads: int = 0):
+    """IterDataset with grain's read-ahead threads (`read_threads`, 0 = grain's default) and,
+    with num_workers > 0, worker processes."""
+    options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(
+        4 * read_threads, 8)) if read_threads else None
+    it = ds.to_iter_dataset(options) if options else ds.to_iter_dataset()
     if num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app
+            flags.FLAGS.mark_as_parsed()  # (notebooks, scripts) use their defaults
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return it
 
 
 def train_stream(source, *, global_batch: int, preprocess: Preprocess, seed: int,
                  num_epochs: int, shuffle: bool = True, num_workers: int = 0,
-                 process_index: int | None = None, process_count: int | None = None
-                 ) -> TrainStream:
+                 read_threads: int = 0, process_index: int | None = None,
+                 process_count: int | None = None) -> TrainStream:
     """Shuffled, augmented training batches for `num_epochs` epochs (remainder dropped)."""
     p, count = process_layout(process_index, process_count)
     local = local_batch_size(global_batch, count)
@@ -161,7 +183,7 @@ def train_stream(source, *, global_batch: int, preprocess: Preprocess, seed: int
     order = _EpochOrder(len(source), steps * global_batch, seed, shuffle)
     ds = grain.MapDataset.range(num_epochs * steps * global_batch)[p::count]
     ds = ds.map(_Load(source, order, preprocess)).batch(local, drop_remainder=True)
-    return TrainStream(_maybe_prefetch(ds, num_workers), steps, num_epochs)
+    return TrainStream(_maybe_prefetch(ds, num_workers, read_threads), steps, num_epochs)
 
 
 def eval_dataset(source, *, global_batch: int, preprocess: Preprocess,
@@ -215,18 +237,17 @@ def semi_supervised_stream(labeled, unlabeled, *, global_batch: int, mu: int,
     """Zip a labeled stream (B per step) with an unlabeled one (mu * B per step, weak + strong
     views); each restarts with a fresh permutation whenever it runs out."""
     p, count = process_layout(process_index, process_count)
-    local = local_batch_size(global_batch, count)
+    local_batch_size(global_batch, count)  # checks divisibility
     streams = []
-    for src, batch, fn in ((labeled, global_batch, labeled_preprocess),
-                           (unlabeled, mu * global_batch, views)):
+    for src, batch, load_cls, fn in ((labeled, global_batch, _Load, labeled_preprocess),
+                                     (unlabeled, mu * global_batch, _LoadViews, views)):
         per_epoch = (len(src) // batch) * batch
         if per_epoch == 0:
             raise ValueError(f"a split of {len(src)} samples is smaller than one batch of {batch}")
         order = _EpochOrder(len(src), per_epoch, seed + len(streams), True)
         ds = grain.MapDataset.range(num_steps * batch)[p::count]
-        load = _Load(src, order, fn) if fn is labeled_preprocess else _LoadViews(src, order, fn)
-        streams.append(ds.map(load).batch(batch // count, drop_remainder=True))
-    del local
+        streams.append(ds.map(load_cls(src, order, fn)).batch(batch // count,
+                                                               drop_remainder=True))
     zipped = grain.MapDataset.range(num_steps).map(_Zip(streams[0], streams[1]))
     return TrainStream(_maybe_prefetch(zipped, num_workers), num_steps, 1)
 

@@ -14,7 +14,8 @@ Each image is a skin-like background (tone, smooth texture, noise) with a lesion
   seed          everything (labels, attributes, images) is a function of (seed, index)
 
 Records follow the jaxmed contract: image uint8 HxWx3, label (int or float multi-hot), attrs
-{'bias': int}, mask uint8 HxW (the lesion; all glyphs in multi-label mode), index.
+{'bias': int}, index, and with `with_mask` a mask uint8 HxW (255 = lesion; all glyphs in
+multi-label mode).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class SyntheticSpec:
     multi_label: bool = False
     noise: float = 8.0
     seed: int = 0
+    with_mask: bool = False  # records carry the lesion mask (localisation tasks)
 
     def __post_init__(self):
         if self.class_cue not in ("color_shape", "shape"):
@@ -91,9 +93,12 @@ class SyntheticSource:
         index = int(index)
         image, mask = self.draw(index)
         label = self.labels[index]
-        return {"image": image, "mask": mask,
-                "label": label.astype(np.float32) if self.spec.multi_label else np.int32(label),
-                "attrs": {"bias": np.int32(self.bias[index])}, "index": np.int32(index)}
+        rec = {"image": image,
+               "label": label.astype(np.float32) if self.spec.multi_label else np.int32(label),
+               "attrs": {"bias": np.int32(self.bias[index])}, "index": np.int32(index)}
+        if self.spec.with_mask:
+            rec["mask"] = mask * np.uint8(255)
+        return rec
 
     def draw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         s = self.spec

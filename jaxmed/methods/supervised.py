@@ -258,7 +258,7 @@ def setup(config, workdir: str):
     ds = data_lib.build(config.data)
     info = ds.info
     channels = data_lib.image_channels(config.data, info)
-    size = config.data.image_size
+    size = data_lib.image_size(config.data, info)
     model = build_model(config.model, info.num_classes)
     rng = jax.random.PRNGKey(config.seed)
     init_rng, state_rng = jax.random.split(rng)

@@ -1,1 +1,18 @@
-"""Adapters for the official downloads of real datasets; importing registers them."""
+"""Adapters for the official downloads of real datasets; importing registers them.
+
+    ham10000, isic2018, isic2018_seg, isic2019, isic2020, fitzpatrick17k (skin.py)
+    nih_cxr14 (+ BiasPruner GbP splits), nih_cxr_lt, mimic_cxr_lt (chest.py)
+    medmnist (medmnist.py), tfds (jaxmed.data.tfds: ArrayRecord written by our builders)
+"""
+
+from jaxmed.data.datasets import chest, medmnist, skin  # noqa: F401
+
+try:  # the `tfds` dataset needs tensorflow-datasets (pip install 'jaxmed[tfds]')
+    import jaxmed.data.tfds  # noqa: F401
+except ImportError as _missing:
+    from jaxmed.data import register
+
+    @register("tfds")
+    def _tfds_unavailable(cfg, _error=str(_missing)):
+        raise ImportError(f"config.data.name='tfds' needs tensorflow-datasets: pip install "
+                          f"'jaxmed[tfds]' ({_error})")

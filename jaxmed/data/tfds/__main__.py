@@ -1,0 +1,3 @@
+from jaxmed.data.tfds.builder import main
+
+main()
