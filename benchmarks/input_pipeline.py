@@ -1,7 +1,8 @@
 """Images/s of the host input pipeline: decode + random-resized-crop 224 + flip of the real
 sample JPEG (../shared/samples/ISIC_0024310.jpg, 600x450), in grain worker processes.
 
-    python benchmarks/input_pipeline.py --workers 1,2 --images 1500 --out bench_out/input_pipeline.json
+    python benchmarks/input_pipeline.py --workers 1,2 --images 1500 \
+        --out bench_out/input_pipeline.json
 
 Each worker reads with one thread, so images/s per worker is images/s per core. The first rows
 run in this process with one thread: full-size decode + resize, and draft-mode (reduced-scale

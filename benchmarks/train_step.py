@@ -26,7 +26,10 @@ from jaxmed.methods import supervised  # noqa: E402
 from jaxmed.train import sharding  # noqa: E402
 
 
-def bench(model_name: str, batch: int, dtype: str, size: int, steps: int, classes: int = 1000):
+def bench(model_name: str, batch: int, dtype: str, size: int, steps: int, classes: int = 1000,
+          sparsity: float = 0.0):
+    """Time the train step; with sparsity > 0 the state carries global magnitude masks (masked
+    forward + masked_optimizer), the configuration of pruned training."""
     mesh = sharding.make_mesh()
     model_cfg = ml_collections.ConfigDict(dict(name=model_name, stem="imagenet", width=0,
                                                dtype=dtype, pretrained=""))
@@ -36,7 +39,12 @@ def bench(model_name: str, batch: int, dtype: str, size: int, steps: int, classe
     tx = supervised.make_optimizer(train_cfg, 1000)
     variables = supervised.init_variables(model, model_cfg, jax.random.PRNGKey(0),
                                           (size, size, 3))
-    state = supervised.create_state(model, variables, tx, jax.random.PRNGKey(1), mesh)
+    masks = None
+    if sparsity > 0:
+        from jaxmed.pruning.criteria import magnitude_masks
+        masks = jax.device_get(magnitude_masks(variables["params"], [sparsity])[0])
+    state = supervised.create_state(model, variables, tx, jax.random.PRNGKey(1), mesh,
+                                    masks=masks)
     step = supervised.make_train_step(model, tx, loss_name="ce", multi_label=False,
                                       compute_dtype=jnp.dtype(dtype))
     train_step, _ = supervised.jit_steps(step, lambda s, b: b, mesh)
@@ -56,6 +64,7 @@ def bench(model_name: str, batch: int, dtype: str, size: int, steps: int, classe
 
     t = time_call(run, warmup=1, repeats=5, sync=jax.block_until_ready)
     return {"model": model_name, "dtype": dtype, "batch": batch, "size": size,
+            "sparsity": sparsity,
             "images_per_s": batch * steps / t["median_s"],
             "ms_per_step": 1000 * t["median_s"] / steps,
             "spread_ms": 1000 * (t["max_s"] - t["min_s"]) / steps,

@@ -231,9 +231,9 @@ def _lt_csv(path, id_col, classes, n, rng, extra=()):
 
 def test_nih_cxr_lt_and_mimic_cxr_lt_label_files(tmp_path):
     rng = np.random.default_rng(0)
-    for name, id_col, classes, extra, ext in (
-            ("nih-cxr-lt", "id", NIH_LT_CLASSES, ("subj_id",), ".png"),
-            ("mimic-cxr-lt", "path", MIMIC_LT_CLASSES, ("subject_id", "study_id"), ".jpg")):
+    for name, id_col, classes, extra in (
+            ("nih-cxr-lt", "id", NIH_LT_CLASSES, ("subj_id",)),
+            ("mimic-cxr-lt", "path", MIMIC_LT_CLASSES, ("subject_id", "study_id"))):
         root = tmp_path / name
         want = np.zeros(len(classes))
         for split in ("train", "val", "test"):

@@ -47,7 +47,8 @@ def test_multi_label(data):
     got = M.multi_label_metrics(s, y)
     pred = (s >= 0.5).astype(int)
     np.testing.assert_allclose(M.per_class_auc(s, y), skm.roc_auc_score(y, s, average=None))
-    np.testing.assert_allclose(M.per_class_ap(s, y), skm.average_precision_score(y, s, average=None))
+    np.testing.assert_allclose(M.per_class_ap(s, y),
+                               skm.average_precision_score(y, s, average=None))
     assert got["map"] == pytest.approx(skm.average_precision_score(y, s, average="macro"))
     assert got["auc"] == pytest.approx(skm.roc_auc_score(y, s, average="macro"))
     assert got["f1"] == pytest.approx(skm.f1_score(y, pred, average="macro", zero_division=0))

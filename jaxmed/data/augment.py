@@ -162,7 +162,8 @@ def chain_args(spec: str) -> list[list]:
     for part in filter(None, (p.strip() for p in (spec or "").split("|"))):
         m = re.fullmatch(r"(\w+)(?:\((.*)\))?", part)
         if not m or m.group(1) not in HOST_OPS:
-            raise ValueError(f"unknown augmentation {part!r} in {spec!r}; known: {sorted(HOST_OPS)}")
+            raise ValueError(f"unknown augmentation {part!r} in {spec!r}; known: "
+                             f"{sorted(HOST_OPS)}")
         out.append([float(a) if "." in a else int(a) for a in m.group(2).split(",")]
                    if m.group(2) else [])
     return out

@@ -38,7 +38,8 @@ def inspect(cfg, split: str = "all") -> dict:
             for c, k in zip(ds.info.class_names, labels.sum(0)):
                 class_counts[c] += int(k)
         else:
-            for c, k in zip(ds.info.class_names, np.bincount(labels, minlength=ds.info.num_classes)):
+            counts = np.bincount(labels, minlength=ds.info.num_classes)
+            for c, k in zip(ds.info.class_names, counts):
                 class_counts[c] += int(k)
         for a, values in source_attrs(source).items():
             attr_counts.setdefault(a, Counter()).update(str(int(v)) for v in values)

@@ -26,6 +26,7 @@ from jaxmed.data.pipeline import Preprocess, eval_batches, train_stream
 from jaxmed.models import create_model
 from jaxmed.models.convert import load_torch_checkpoint
 from jaxmed.pruning import masks as mask_lib
+from jaxmed.pruning import training as pruning_training
 from jaxmed.train import sharding
 from jaxmed.train.loop import LoopSettings, train_loop
 from jaxmed.train.state import TrainState
@@ -55,9 +56,11 @@ def default_config() -> ml_collections.ConfigDict:
         grad_clip_norm=0.0,
         loss="ce",  # ce, bce (multi-label), balanced_softmax, focal, ldam, gce
         label_smoothing=0.0,
+        freeze_bn_after_epoch=0,  # > 0: BN in eval mode (running stats) from this epoch on
         log_every=50, eval_every=0, checkpoint_every=0, keep_checkpoints=3,
         early_stop_metric="", early_stop_mode="min", patience=0, progress=True,
     ))
+    c.pruning = pruning_training.default_config()  # criterion 'none': dense training
     return c
 
 
@@ -150,21 +153,22 @@ def forward(model, state_or_vars, images, *, train: bool, masks=None, rng=None, 
         out, new = model.apply(variables, images, train=True, mutable=["batch_stats"], rngs=rngs,
                                **kw)
         return out, new["batch_stats"]
-    return model.apply(variables, images, train=False, **kw), batch_stats
+    return model.apply(variables, images, train=False, rngs=rngs, **kw), batch_stats
 
 
 def make_loss_fn(model, *, loss_name: str, multi_label: bool, class_counts=None,
-                 label_smoothing: float = 0.0, compute_dtype=jnp.float32):
+                 label_smoothing: float = 0.0, compute_dtype=jnp.float32, bn_train: bool = True):
     """loss_fn(params, batch_stats, masks, batch, rng) -> (loss, (logits, new_batch_stats)).
 
     The mean is over the whole global batch (padded / skipped rows weigh 0), so under a data
-    sharding its value and gradients equal the single-device ones."""
+    sharding its value and gradients equal the single-device ones. bn_train=False runs the
+    model in eval mode (BatchNorm uses and keeps its running statistics)."""
     counts = None if class_counts is None else np.asarray(class_counts)
 
     def loss_fn(params, batch_stats, masks, batch, rng):
         images = augment.normalize(batch["image"], dtype=compute_dtype)
         logits, new_stats = forward(model, {"params": params, "batch_stats": batch_stats},
-                                    images, train=True, masks=masks, rng=rng)
+                                    images, train=bn_train, masks=masks, rng=rng)
         per = task_loss(logits, batch["label"], loss_name=loss_name, multi_label=multi_label,
                         class_counts=counts, label_smoothing=label_smoothing)
         return losses.weighted_mean(per, batch["valid"]), (logits, new_stats)
@@ -203,6 +207,22 @@ def make_eval_step(model, *, multi_label: bool, compute_dtype=jnp.float32):
                 "valid": batch["valid"]}
 
     return step
+
+
+class SwitchingStep:
+    """Runs `first` for the first `switch_at` steps, then `then` (both jitted, each compiled
+    once). For the PruneCXR reference's quirk: BatchNorm frozen after the first epoch."""
+
+    def __init__(self, first, then, switch_at: int):
+        self.first, self.then, self.switch_at = first, then, switch_at
+        self.step = None
+
+    def __call__(self, state, batch):
+        if self.step is None:
+            self.step = int(jax.device_get(state.step))
+        fn = self.first if self.step < self.switch_at else self.then
+        self.step += 1
+        return fn(state, batch)
 
 
 def jit_steps(train_step, eval_step, mesh):
@@ -269,14 +289,22 @@ def setup(config, workdir: str):
     total = tcfg.steps if tcfg.steps > 0 else tcfg.epochs * steps_per_epoch
     tx = make_optimizer(tcfg, total)
     variables = init_variables(model, config.model, init_rng, (size, size, channels))
-    state = create_state(model, variables, tx, state_rng, mesh)
+    pruned = config.pruning.criterion != "none"
+    masks = pruning_training.ScheduledPruning.initial_masks(variables["params"]) if pruned else None
+    state = create_state(model, variables, tx, state_rng, mesh, masks=masks)
     loss_name = "bce" if info.multi_label and tcfg.loss == "ce" else tcfg.loss
     dtype = jnp.dtype(config.model.dtype)
-    train_step = make_train_step(model, tx, loss_name=loss_name, multi_label=info.multi_label,
-                                 class_counts=info.class_counts,
-                                 label_smoothing=tcfg.label_smoothing, compute_dtype=dtype)
+    loss_kw = dict(loss_name=loss_name, multi_label=info.multi_label,
+                   class_counts=info.class_counts, label_smoothing=tcfg.label_smoothing,
+                   compute_dtype=dtype)
+    train_step = make_train_step(model, tx, **loss_kw)
     eval_step = make_eval_step(model, multi_label=info.multi_label, compute_dtype=dtype)
     train_step, eval_step = jit_steps(train_step, eval_step, mesh)
+    if tcfg.freeze_bn_after_epoch > 0:
+        frozen, _ = jit_steps(make_train_step(model, tx, bn_train=False, **loss_kw), eval_step,
+                              mesh)
+        train_step = SwitchingStep(train_step, frozen,
+                                   tcfg.freeze_bn_after_epoch * steps_per_epoch)
     eval_pre = Preprocess(size, channels, "", config.seed, config.data.on_error)
     evaluator = Evaluator(eval_step, ds.splits, batch_size=tcfg.eval_batch_size,
                           preprocess=eval_pre, mesh=mesh, multi_label=info.multi_label,
@@ -291,7 +319,8 @@ def setup(config, workdir: str):
                             num_workers=config.data.num_workers)
 
     return dict(mesh=mesh, ds=ds, model=model, tx=tx, state=state, train_step=train_step,
-                eval_step=eval_step, evaluator=evaluator, make_stream=make_stream)
+                eval_step=eval_step, evaluator=evaluator, make_stream=make_stream,
+                pruned=pruned)
 
 
 def train_and_evaluate(config, workdir: str, hooks=()) -> dict:
@@ -299,12 +328,13 @@ def train_and_evaluate(config, workdir: str, hooks=()) -> dict:
     write_config(config, workdir)
     s = setup(config, workdir)
     writer = MetricWriter(workdir, enabled=sharding.is_lead_process())
+    state_hooks = [pruning_training.ScheduledPruning(config.pruning, writer)] if s["pruned"] else []
     try:
         state, final = train_loop(
             workdir=workdir, settings=LoopSettings.from_config(config.train), state=s["state"],
             train_step=s["train_step"], make_stream=s["make_stream"], evaluate=s["evaluator"],
             mesh=s["mesh"], writer=writer, meta={"config": json.loads(config.to_json())},
-            hooks=hooks, global_batch=config.train.batch_size)
+            hooks=hooks, state_hooks=state_hooks, global_batch=config.train.batch_size)
     finally:
         writer.close()
     log.info("test metrics: %s", final)

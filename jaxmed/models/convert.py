@@ -48,7 +48,7 @@ def _module_path(key: str, arch: str) -> list[str]:
 
 
 def _fix_legacy_densenet(key: str) -> str:
-    # Old torchvision DenseNet checkpoints: 'denselayer1.norm.1.weight' -> 'denselayer1.norm1.weight'.
+    # Old torchvision DenseNet checkpoints: 'denselayer1.norm.1.weight' -> '...norm1.weight'.
     return re.sub(r"(denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean"
                   r"|running_var))$", lambda m: m.group(1) + m.group(2), key)
 

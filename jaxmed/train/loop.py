@@ -67,12 +67,14 @@ def train_loop(*, workdir: str, settings: LoopSettings, state: Any, train_step: 
                make_stream: Callable[[], Any], evaluate: Callable[[Any, str], dict],
                mesh, writer: MetricWriter, meta: dict | None = None,
                hooks: Iterable[Callable[[int, Any], None]] = (),
+               state_hooks: Iterable[Callable[[int, Any], Any]] = (),
                eval_splits: tuple[str, ...] = ("val",), final_split: str = "test",
                global_batch: int = 0) -> tuple[Any, dict]:
     """Run (or resume) training; returns the final state and the final split's metrics.
 
     train_step(state, global_batch) -> (state, {name: scalar}); evaluate(state, split) -> metrics
-    dict without the split prefix; make_stream() -> a fresh `TrainStream`."""
+    dict without the split prefix; make_stream() -> a fresh `TrainStream`. state_hooks(step,
+    state) -> state run after every step (pruning schedules); hooks(step, state) observe only."""
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=settings.keep_checkpoints)
     best_ckpt = None
     if settings.early_stop_metric:
@@ -134,6 +136,8 @@ def train_loop(*, workdir: str, settings: LoopSettings, state: Any, train_step: 
         step += 1
         bar.update(1)
         pending.append((step, metrics))
+        for transform in state_hooks:
+            state = transform(step, state)
         if step % settings.log_every == 0:
             flush()
         if (eval_every > 0 and step % eval_every == 0) or step == total:

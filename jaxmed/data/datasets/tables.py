@@ -116,7 +116,8 @@ def multihot_labels(table: Table, classes: Sequence[str]) -> np.ndarray:
     bad = np.flatnonzero(~np.isin(cols, (0.0, 1.0)).all(1))
     if bad.size:
         r = int(bad[0])
-        raise DataFormatError(f"{table.where(r)}: label columns must be 0/1, got {cols[r].tolist()}")
+        raise DataFormatError(f"{table.where(r)}: label columns must be 0/1, got "
+                              f"{cols[r].tolist()}")
     return cols.astype(np.float32)
 
 

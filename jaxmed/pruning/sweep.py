@@ -1,0 +1,84 @@
+"""Predictions of one model at many sparsity levels, without fine-tuning, as two compiled
+programs: one builds a chunk of masked parameter copies from a single radix pass over the scores
+(`criteria.global_masks_at_counts`), the other runs the model over the chunk's levels (vmapped,
+or mapped in one program). Each is compiled once for a given model and chunk size, whatever the
+number of levels or models.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmed.data import augment
+from jaxmed.pruning import criteria
+from jaxmed.pruning.masks import apply_masks
+
+
+def scores_for(kind: str, params, rng=None, predicate=criteria.default_predicate):
+    """'l1': |w| (global L1 magnitude); 'random': uniform scores from rng (one draw per model,
+    so the random masks of higher sparsities contain those of lower ones)."""
+    if kind == "l1":
+        return criteria.magnitude_scores(params, predicate)
+    if kind == "random":
+        if rng is None:
+            raise ValueError("random pruning needs an rng")
+        return criteria.random_scores(params, rng, predicate)
+    raise ValueError(f"unknown prune type {kind!r}: use l1 / random")
+
+
+@jax.jit
+def build_masked_params(params, scores, counts):
+    """Stacked copies of params, copy i with the counts[i] lowest-scoring weights zeroed."""
+    masks = criteria.global_masks_at_counts(scores, counts)
+    stacked = [apply_masks(params, m) for m in masks]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *stacked)
+
+
+def make_forward(model, *, multi_label: bool, compute_dtype=jnp.float32,
+                 level_axis: str = "map") -> Callable:
+    """(stacked params, batch_stats, uint8 images) -> probabilities [levels, batch, classes].
+
+    level_axis 'vmap' batches the levels into grouped convolutions; 'map' runs them one after
+    another inside the same compiled program (lax.map), each a dense forward over the batch.
+    Which is faster depends on the backend (XLA:CPU runs grouped convs ~7x slower); see
+    benchmarks/prunecxr_sweep.py."""
+
+    def one(params, batch_stats, x):
+        logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+        return jax.nn.sigmoid(logits) if multi_label else jax.nn.softmax(logits)
+
+    def forward(stacked, batch_stats, images):
+        x = augment.normalize(images, dtype=compute_dtype)
+        if level_axis == "vmap":
+            return jax.vmap(lambda p: one(p, batch_stats, x))(stacked)
+        if level_axis == "map":
+            return jax.lax.map(lambda p: one(p, batch_stats, x), stacked)
+        raise ValueError(f"level_axis must be 'vmap' or 'map', got {level_axis!r}")
+
+    return jax.jit(forward)
+
+
+def sweep(forward: Callable, variables: dict, scores, sparsities: Sequence[float],
+          batches: Callable[[], Iterable[dict]], *, chunk: int) -> np.ndarray:
+    """Predictions [len(sparsities), N, C] over every valid sample of `batches()` (in the order
+    given; padded rows dropped). Levels are processed `chunk` at a time (memory)."""
+    n = criteria.num_scored(scores)
+    counts = [criteria.prune_count(s, n) for s in sparsities]
+    pad = (-len(counts)) % chunk
+    padded = counts + [counts[-1]] * pad  # keep one chunk shape: one compile
+    out = []
+    for start in range(0, len(padded), chunk):
+        stacked = build_masked_params(variables["params"], scores,
+                                      jnp.asarray(padded[start:start + chunk], jnp.int32))
+        preds = []
+        for b in batches():
+            p = np.asarray(jax.device_get(forward(stacked, variables["batch_stats"], b["image"])))
+            preds.append(p[:, np.asarray(b["valid"], bool)])
+        out.append(np.concatenate(preds, axis=1))
+        del stacked
+    return np.concatenate(out, axis=0)[:len(counts)]
+
