@@ -76,16 +76,19 @@ def main():
     p.add_argument("--images", type=int, default=1500)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--image", default=SAMPLE)
+    p.add_argument("--files", default="original,shrunk", help="which JPEGs: original, shrunk")
     p.add_argument("--out", default="bench_out/input_pipeline.json")
     a = p.parse_args()
-    from jaxmed.data.tfds.builder import shrink_jpeg
+    from jaxmed.data.images import shrink_jpeg
 
     small = os.path.join(os.path.dirname(os.path.abspath(a.out)), "sample_shrunk256.jpg")
     os.makedirs(os.path.dirname(small), exist_ok=True)
     with open(a.image, "rb") as f, open(small, "wb") as g:
         g.write(shrink_jpeg(f.read(), 256))
     rows = []
-    for label, path in (("original", a.image), ("shrunk to 256 (tfds --max-side 256)", small)):
+    files = {"original": ("original", a.image),
+             "shrunk": ("shrunk to 256 (tfds --max-side 256)", small)}
+    for label, path in (files[f] for f in a.files.split(",")):
         rows += [dict(file=label, **bench(path, 0, a.images // 2, a.batch, draft=False)),
                  dict(file=label, **bench(path, 0, a.images // 2, a.batch, draft=True))]
         for w in map(int, a.workers.split(",")):

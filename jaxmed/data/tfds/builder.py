@@ -15,27 +15,10 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from jaxmed import data as data_lib
+from jaxmed.data.images import shrink_jpeg
 from jaxmed.data.sources import DatasetInfo
 
 VERSION = "1.0.0"
-
-
-def shrink_jpeg(data: bytes, max_side: int, quality: int = 95) -> bytes:
-    """Re-encode a JPEG whose shorter side exceeds max_side at that size (keeps aspect).
-
-    Decoding cost is dominated by entropy decoding, which scales with the file, not the DCT
-    scale: large high-quality dermoscopy JPEGs decode several times faster after this."""
-    img = Image.open(io.BytesIO(data))
-    if img.format != "JPEG" or min(img.size) <= max_side:
-        return data
-    w, h = img.size
-    scale = max_side / min(w, h)
-    target = (max(1, round(w * scale)), max(1, round(h * scale)))
-    img.draft(img.mode, target)
-    img = img.convert("RGB" if img.mode not in ("L", "RGB") else img.mode)
-    buf = io.BytesIO()
-    img.resize(target, Image.BILINEAR).save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def _encode(image, max_side: int = 0) -> bytes:
