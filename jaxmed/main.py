@@ -81,6 +81,11 @@ def main(argv) -> None:
     if jax.default_backend() == "cpu":
         # XLA:CPU compiles the partitionable threefry PRNG slowly (2x longer model inits).
         jax.config.update("jax_threefry_partitionable", False)
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        # Programs compiled once per workdir: a resumed run, or the several models of one
+        # study (PruneCXR runs, continual baselines), reuse them.
+        jax.config.update("jax_compilation_cache_dir", os.path.join(FLAGS.workdir, "xla_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     result = module.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:
         print("final:", {k: round(v, 4) if isinstance(v, float) else v

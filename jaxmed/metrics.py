@@ -172,3 +172,51 @@ def multi_label_metrics(probs, labels, threshold: float = 0.5) -> dict:
         "sensitivity": float(_nanmean(sens)),
         "specificity": float(_nanmean(spec)),
     }
+
+
+# ------------------------------------------------------------------------------ fairness
+def _rate(hit, cond) -> float:
+    n = int(np.sum(cond))
+    return float(np.sum(hit & cond) / n) if n else float("nan")
+
+
+def fairness(y_true, y_pred, attr, positive: int = 1) -> dict:
+    """Group fairness of a binary decision w.r.t. a binary sensitive attribute (groups 0, 1;
+    other values, e.g. -1 unknown, are ignored).
+
+    EOpp0 = |TNR_0 - TNR_1|, EOpp1 = |TPR_0 - TPR_1|, EOdd = |TPR gap| + |FPR gap| (the sum
+    convention; some papers halve it), DP ratio = min / max over groups of P(y_hat = positive),
+    and accuracy / balanced accuracy per group."""
+    y, p, a = (np.asarray(v) for v in (y_true, y_pred, attr))
+    pos_t, pos_p = y == positive, p == positive
+    out: dict = {}
+    rates = {}
+    for g in (0, 1):
+        in_g = a == g
+        tpr = _rate(pos_p, pos_t & in_g)
+        tnr = _rate(~pos_p, ~pos_t & in_g)
+        rates[g] = (tpr, tnr, _rate(pos_p, in_g))
+        out[f"accuracy_group{g}"] = _rate(y == p, in_g)
+        out[f"balanced_accuracy_group{g}"] = float(np.nanmean([tpr, tnr]))
+    (tpr0, tnr0, dp0), (tpr1, tnr1, dp1) = rates[0], rates[1]
+    out["eopp0"] = abs(tnr0 - tnr1)
+    out["eopp1"] = abs(tpr0 - tpr1)
+    out["eodd"] = abs(tpr0 - tpr1) + abs((1 - tnr0) - (1 - tnr1))
+    hi = max(dp0, dp1)
+    out["dp_ratio"] = min(dp0, dp1) / hi if hi > 0 else float("nan")
+    return out
+
+
+# ---------------------------------------------------------------------------- continual
+def continual_summary(acc: np.ndarray) -> dict:
+    """From the accuracy matrix R[i, j] (after training task i, accuracy on task j; entries
+    with j > i unused): ACC = mean of the last row, BWT = mean_{j<T-1} R[T-1, j] - R[j, j],
+    forgetting = mean_{j<T-1} max_{j<=i<T-1} R[i, j] - R[T-1, j]."""
+    r = np.asarray(acc, np.float64)
+    t = r.shape[0]
+    last = r[t - 1]
+    if t == 1:
+        return {"acc": float(last[0]), "bwt": 0.0, "forgetting": 0.0}
+    bwt = np.mean([last[j] - r[j, j] for j in range(t - 1)])
+    forget = np.mean([np.max(r[j:t - 1, j]) - last[j] for j in range(t - 1)])
+    return {"acc": float(np.mean(last)), "bwt": float(bwt), "forgetting": float(forget)}
