@@ -1,0 +1,387 @@
+"""The continual-learning frame BiasPruner and its baselines share: task streams, per-task
+heads, training phases on the shared loop, task-agnostic evaluation, the accuracy matrix,
+fairness, resume per task, and the report.
+
+Setting: T tasks in sequence, each with its own head (`heads`: [T_max, features, C_max],
+classes beyond a task's own masked out). Task-agnostic inference runs every stored task's
+head (and, for subnetwork learners, its subnetwork), picks the task whose prediction has the
+lowest entropy divided by log(number of its classes), and predicts that task's class; a
+prediction is right when its (global) class is the sample's. Task-aware accuracy uses the
+sample's own task. Fairness is measured on each task's test set with its own head (task-aware):
+it asks whether a task's predictor is debiased, separately from task selection, which is
+reported as task-selection accuracy.
+
+A learner is built from an `Env` and implements `train_task(t, task, workdir)`,
+`all_logits(images) -> [B, T_max, C_max]` (jitted, one compile whatever the number of stored
+tasks) and `state()` / `load(state)` (arrays saved after every task: a re-run resumes there).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxmed import data as data_lib
+from jaxmed import metrics
+from jaxmed.data.pipeline import Preprocess, eval_batches, split_by_class_groups, train_stream
+from jaxmed.data.sources import source_labels
+from jaxmed.methods import supervised
+from jaxmed.train import sharding
+from jaxmed.train.loop import LoopSettings, train_loop
+from jaxmed.train.state import TrainState
+from jaxmed.train.writers import MetricWriter
+
+log = logging.getLogger(__name__)
+NEG = -1e9  # logit of a class a task does not have
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = supervised.default_config()
+    c.method = "biaspruner"
+    c.continual = ml_collections.ConfigDict(dict(
+        tasks="0,1|2,3",  # class groups of one dataset, '|' between tasks
+        task_split_files="",  # or one reference split file per task, '|' between tasks
+        methods="biaspruner",  # any of biaspruner, biaspruner_magnitude, packnet, finetune,
+        # joint, ewc, lwf (comma-separated): all run on the same tasks, compared in the report
+        sensitive_attr="bias",  # attribute for fairness (synthetic: 'bias'; fitz: skin_group)
+        positive_class=1,  # within-task label counted as positive for TPR / FPR
+        biased_epochs=4,  # BiasPruner / PackNet first phase (GCE / CE on free units)
+        finetune_epochs=4,  # second phase (subnetwork fine-tuning)
+        gamma=0.3,  # fraction of units (BiasPruner) / free weights (PackNet) pruned per task
+        gce_q=0.7,
+        alpha=0.0,  # > 0: fine-tune weights each sample by exp(alpha * its GCE loss)
+        ewc_lambda=100.0,
+        ewc_samples=256,
+        lwf_lambda=1.0,
+        lwf_temperature=2.0,
+    ))
+    c.train.optimizer = "adam"
+    c.train.lr = 1e-4
+    c.train.weight_decay = 5e-4
+    return c
+
+
+# ---------------------------------------------------------------------------------- tasks
+class TaskSource:
+    """A task's view of a source: within-task labels and the task id on every record."""
+
+    def __init__(self, parent, task: int, label_map: dict[int, int]):
+        self.parent, self.task, self.label_map = parent, task, label_map
+        self.labels = np.asarray([label_map[int(y)] for y in source_labels(parent)]
+                                 if len(parent) else [], np.int64)
+
+    def __len__(self) -> int:
+        return len(self.parent)
+
+    def __getitem__(self, i):
+        rec = dict(self.parent[i])
+        rec["label"] = np.int32(self.label_map[int(rec["label"])])
+        rec["attrs"] = {**rec["attrs"], "task": np.int32(self.task)}
+        return rec
+
+
+class ConcatSource:
+    """Several sources one after another (joint training on all tasks so far)."""
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+        self.labels = np.concatenate([p.labels for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i):
+        k = int(np.searchsorted(self.offsets, int(i), side="right") - 1)
+        return self.parts[k][int(i) - int(self.offsets[k])]
+
+
+@dataclasses.dataclass
+class Task:
+    id: int
+    class_ids: list[int]  # global class ids of its within-task labels 0..C_t-1
+    class_names: list[str]
+    splits: dict[str, TaskSource]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_ids)
+
+
+def build_tasks(config) -> tuple[list[Task], data_lib.DatasetInfo]:
+    cc = config.continual
+    if cc.task_split_files:
+        tasks, names = [], []
+        info = None
+        for t, path in enumerate(f.strip() for f in cc.task_split_files.split("|")):
+            dcfg = copy.deepcopy(config.data)
+            dcfg.split_file = path
+            ds = data_lib.build(dcfg)
+            info = ds.info
+            ids = []
+            for n in ds.info.class_names:  # tasks sharing class names share class ids
+                if n not in names:
+                    names.append(n)
+                ids.append(names.index(n))
+            lm = {c: c for c in range(ds.info.num_classes)}
+            tasks.append(Task(t, ids, ds.info.class_names,
+                              {s: TaskSource(ds[s], t, lm) for s in ds.splits}))
+        return tasks, info
+    ds = data_lib.build(config.data)
+    if ds.info.multi_label:
+        raise ValueError("continual tasks by class groups need single-label data")
+    groups = [[int(c) for c in g.split(",")] for g in cc.tasks.split("|")]
+    bad = [c for g in groups for c in g if not 0 <= c < ds.info.num_classes]
+    if bad:
+        raise ValueError(f"config.continual.tasks names classes {bad} outside the dataset's "
+                         f"{ds.info.num_classes} classes")
+    per_split = {s: split_by_class_groups(ds[s], groups) for s in ds.splits}
+    tasks = []
+    for t, g in enumerate(groups):
+        lm = {c: i for i, c in enumerate(g)}
+        tasks.append(Task(t, g, [ds.info.class_names[c] for c in g],
+                          {s: TaskSource(per_split[s][t], t, lm) for s in ds.splits}))
+    return tasks, ds.info
+
+
+# ---------------------------------------------------------------------------------- heads
+def init_heads(rng, num_tasks: int, features: int, max_classes: int) -> dict:
+    k = jax.random.normal(rng, (num_tasks, features, max_classes)) / np.sqrt(features)
+    return {"kernel": k.astype(jnp.float32), "bias": jnp.zeros((num_tasks, max_classes))}
+
+
+def class_mask(tasks: list[Task], num_tasks: int, max_classes: int) -> np.ndarray:
+    m = np.zeros((num_tasks, max_classes), bool)
+    for t in tasks:
+        m[t.id, : t.num_classes] = True
+    return m
+
+
+def head_logits(feats, heads, cmask):
+    """feats [B, F] -> logits of every head [B, T, C], absent classes at NEG."""
+    logits = jnp.einsum("bf,tfc->btc", feats.astype(jnp.float32), heads["kernel"]) + heads["bias"]
+    return jnp.where(cmask[None], logits, NEG)
+
+
+def pick(per_task, task_ids):
+    """[B, T, ...] -> [B, ...] at each sample's task."""
+    return jnp.take_along_axis(per_task, task_ids[:, None, None], axis=1)[:, 0]
+
+
+# ----------------------------------------------------------------------------- training
+@dataclasses.dataclass
+class Env:
+    """What every learner needs: the config, the tasks and the data's shape."""
+
+    config: Any
+    tasks: list[Task]
+    info: data_lib.DatasetInfo
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        size = data_lib.image_size(self.config.data, self.info)
+        return (size, size, data_lib.image_channels(self.config.data, self.info))
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def max_classes(self) -> int:
+        return max(t.num_classes for t in self.tasks)
+
+    def preprocess(self, chain: str = "", seed: int = 0) -> Preprocess:
+        size, _, channels = self.image_shape
+        return Preprocess(size, channels, chain, seed, self.config.data.on_error)
+
+    def batches(self, source, batch_size: int | None = None):
+        """Every sample of `source` once, unaugmented, in order (padding marked invalid)."""
+        return eval_batches(source, global_batch=batch_size or self.config.train.eval_batch_size,
+                            preprocess=self.preprocess(seed=self.config.seed),
+                            num_workers=self.config.data.num_workers, process_index=0,
+                            process_count=1)
+
+    def jit_step(self, fn, **kw):
+        """jit a learner's train step with its state (and metrics) replicated on the mesh, so
+        every call of every phase and task hits the same compiled program."""
+        return jax.jit(fn, out_shardings=sharding.replicated(sharding.make_mesh()), **kw)
+
+
+def run_phase(env: Env, workdir: str, state: TrainState, step: Callable, source, epochs: int,
+              seed: int) -> TrainState:
+    """Train `epochs` epochs of `source` with `step(state, batch)` on the shared loop (with its
+    checkpoints and resume; no evaluation). Returns the final state."""
+    tcfg = env.config.train
+    pre = env.preprocess(env.config.data.train_augment, seed)
+
+    def make_stream():
+        return train_stream(source, global_batch=tcfg.batch_size, preprocess=pre, seed=seed,
+                            num_epochs=max(epochs, 1), num_workers=env.config.data.num_workers)
+
+    settings = LoopSettings(epochs=epochs, log_every=tcfg.log_every, eval_every=-1,
+                            checkpoint_every=10**9, keep_checkpoints=1, progress=tcfg.progress)
+    writer = MetricWriter(workdir, enabled=sharding.is_lead_process())
+    mesh = sharding.make_mesh()
+    state = jax.device_put(state, sharding.replicated(mesh))  # as the step returns it
+    try:
+        state, _ = train_loop(workdir=workdir, settings=settings, state=state, train_step=step,
+                              make_stream=make_stream, evaluate=lambda s, split: {},
+                              mesh=mesh, writer=writer, eval_splits=(),
+                              final_split="", global_batch=tcfg.batch_size)
+    finally:
+        writer.close()
+    return state
+
+
+def state_from(params, batch_stats, tx, rng) -> TrainState:
+    return TrainState.create({"params": params, "batch_stats": batch_stats}, tx, rng)
+
+
+# --------------------------------------------------------------------------- evaluation
+def normalized_entropy(logits, cmask):
+    """Predictive entropy / log(C_t) of every task's prediction: logits [B, T, C]."""
+    p = jax.nn.softmax(logits, axis=-1)
+    ent = -jnp.sum(jnp.where(cmask[None], p * jnp.log(jnp.maximum(p, 1e-12)), 0.0), -1)
+    return ent / jnp.log(jnp.maximum(cmask.sum(-1), 2))[None]
+
+
+def select_task(logits, cmask, valid_tasks):
+    """Index of the lowest normalised-entropy task among the valid (stored) ones: [B]."""
+    ent = normalized_entropy(logits, cmask)
+    return jnp.argmin(jnp.where(valid_tasks[None], ent, jnp.inf), axis=-1)
+
+
+@dataclasses.dataclass
+class TaskEval:
+    agnostic_acc: float
+    aware_acc: float
+    selection_acc: float
+    fairness: dict
+    y: np.ndarray
+    aware_pred: np.ndarray
+
+
+def evaluate(env: Env, learner, upto: int, split: str = "test") -> list[TaskEval]:
+    """Every task 0..upto on `split`, with tasks 0..upto stored."""
+    cc = env.config.continual
+    tasks, t_max = env.tasks, env.num_tasks
+    cmask = jnp.asarray(class_mask(tasks, t_max, env.max_classes))
+    valid = jnp.arange(t_max) <= upto
+    class_ids = np.full((t_max, env.max_classes), -1)
+    for t in tasks:
+        class_ids[t.id, : t.num_classes] = t.class_ids
+    out = []
+    for task in tasks[: upto + 1]:
+        sel_all, pred_local, y_all, attr_all, aware_all = [], [], [], [], []
+        for b in env.batches(task.splits[split]):
+            logits = learner.all_logits(b["image"])  # [B, T, C]
+            sel = np.asarray(select_task(logits, cmask, valid))
+            keep = np.asarray(b["valid"], bool)
+            lg = np.asarray(logits)
+            pred_local.append(np.argmax(lg[np.arange(len(sel)), sel], -1)[keep])
+            sel_all.append(sel[keep])
+            aware_all.append(np.argmax(lg[:, task.id], -1)[keep])
+            y_all.append(np.asarray(b["label"])[keep])
+            attr_all.append(np.asarray(b["attrs"].get(cc.sensitive_attr,
+                                                      np.full(len(sel), -1)))[keep])
+        sel, pl, y, aware = (np.concatenate(v) for v in (sel_all, pred_local, y_all, aware_all))
+        attr = np.concatenate(attr_all)
+        pred_global = class_ids[sel, pl]
+        true_global = np.asarray(task.class_ids)[y]
+        out.append(TaskEval(float(np.mean(pred_global == true_global)), float(np.mean(aware == y)),
+                            float(np.mean(sel == task.id)),
+                            metrics.fairness(y, aware, attr, cc.positive_class), y, aware))
+    return out
+
+
+# ------------------------------------------------------------------------------- driver
+def run(config, workdir: str, learners: dict[str, Callable]) -> dict:
+    """Run every method of config.continual.methods over the task sequence; report."""
+    from jaxmed.methods import continual_report
+
+    supervised.write_config(config, workdir)
+    tasks, info = build_tasks(config)
+    env = Env(config, tasks, info)
+    methods = [m.strip() for m in config.continual.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in learners]
+    if unknown:
+        raise ValueError(f"config.continual.methods has unknown {unknown}; known: "
+                         f"{sorted(learners)}")
+    writer = MetricWriter(workdir, enabled=sharding.is_lead_process())
+    results = {}
+    try:
+        for i, name in enumerate(methods):
+            results[name] = run_method(env, os.path.join(workdir, name), name, learners[name],
+                                       writer, i)
+    finally:
+        writer.close()
+    if sharding.is_lead_process():
+        continual_report.write_report(os.path.join(workdir, "report"), results, tasks)
+    return {f"{m}/{k}": v for m, r in results.items() for k, v in r["summary"].items()}
+
+
+def run_method(env: Env, workdir: str, name: str, make_learner, writer, m_index: int) -> dict:
+    """Train one method through the task sequence (resuming finished tasks from disk)."""
+    learner = make_learner(env)
+    t_max = env.num_tasks
+    agnostic = np.full((t_max, t_max), np.nan)
+    aware = np.full((t_max, t_max), np.nan)
+    selection = np.full((t_max, t_max), np.nan)
+    evals = []
+    for t, task in enumerate(env.tasks):
+        done = os.path.join(workdir, f"task_{t}.npz")
+        if os.path.exists(done):
+            learner.load(load_tree(done))
+        else:
+            log.info("%s: task %d / %d", name, t + 1, t_max)
+            learner.train_task(t, task, os.path.join(workdir, f"task_{t}"))
+            if sharding.is_lead_process():
+                save_tree(done, learner.state())
+        evals = evaluate(env, learner, t)
+        for j, e in enumerate(evals):
+            agnostic[t, j], aware[t, j], selection[t, j] = (e.agnostic_acc, e.aware_acc,
+                                                            e.selection_acc)
+        writer.write(1000 * m_index + t, {f"test/{name}/acc_task{j}": e.agnostic_acc
+                                          for j, e in enumerate(evals)})
+    summary = metrics.continual_summary(agnostic)
+    summary.update({f"aware_{k}": v for k, v in metrics.continual_summary(aware).items()})
+    summary["task_selection"] = float(np.nanmean(selection[-1]))
+    fair = [e.fairness for e in evals]
+    for k in ("eopp0", "eopp1", "eodd", "dp_ratio"):
+        summary[k] = float(np.nanmean([f[k] for f in fair]))
+    writer.write(1000 * m_index + t_max, {f"test/{name}/{k}": v for k, v in summary.items()})
+    result = {"summary": summary, "agnostic": agnostic, "aware": aware, "selection": selection,
+              "fairness": fair, "masks": learner.mask_report() if hasattr(learner, "mask_report")
+              else None}
+    if sharding.is_lead_process():
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump({k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                       for k, v in result.items()}, f, indent=2, default=float)
+    return result
+
+
+# ------------------------------------------------------------------------ persistence
+def save_tree(path: str, tree) -> None:
+    """A pytree of arrays (None leaves allowed) as one .npz, written atomically."""
+    flat = flax.traverse_util.flatten_dict(jax.device_get(tree), sep="/")
+    arrays = {k: np.asarray(v) for k, v in flat.items() if v is not None}
+    tmp = path + ".tmp.npz"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def load_tree(path: str) -> dict:
+    with np.load(path) as z:
+        return flax.traverse_util.unflatten_dict({k: z[k] for k in z.files}, sep="/")
