@@ -4,9 +4,10 @@
 #   a  train step: jaxmed fp32 / bf16 and PyTorch eager fp32 / AMP bf16, ResNet-18 / 50 at 224
 #   b  train step: PyTorch torch.compile AMP bf16, ResNet-18 / 50
 #   c  pruning (mask sweep, masked vs dense, compaction), PruneCXR sweep, input pipeline
-#   usage: bash benchmarks/gpu_suite.sh a|b|c [batch]
+#   d  BiasPruner task-agnostic inference (2 / 5 / 10 subnetworks, map / vmap vs PyTorch)
+#   usage: bash benchmarks/gpu_suite.sh a|b|c|d [batch]
 set -uo pipefail
-part=${1:?part a, b or c}; batch=${2:-128}
+part=${1:?part a, b, c or d}; batch=${2:-128}
 out=${OUT:-bench_out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.75}
 log="$out/gpu_suite_$part.log"
@@ -30,4 +31,7 @@ case $part in
       --chunk 10 --dtype bfloat16 --out "$out/prunecxr_sweep.json"
     T=90 run python benchmarks/input_pipeline.py --workers 1,2,4,8,16 --images 3000 \
       --image .devdata/ISIC_0024310.jpg --out "$out/input_pipeline.json" ;;
+  d)
+    T=500 run python benchmarks/biaspruner_inference.py --tasks 2,5,10 --n-test 2048 --size 224 \
+      --batch "$batch" --dtype bfloat16 --out "$out/biaspruner_inference.json" ;;
 esac

@@ -157,6 +157,25 @@ def test_earlier_tasks_are_bitwise_frozen(env, tmp_path, selection):
             assert all(m.sum() >= 1 for m in learner.channel[t].values())
         report = learner.mask_report()
         assert report["owned"][1] > 0 and report["kept"][0] < report["total"]
+        # All subnetworks in one program ('vmap' and 'map' over tasks) equal each task's own
+        # masked forward pass.
+        from jaxmed.data import augment
+        from jaxmed.pruning.masks import apply_masks
+        x = augment.normalize(jnp.asarray(images))
+        cmask = continual.class_mask(env.tasks, env.num_tasks, env.max_classes)
+        for t in (0, 1):
+            p = apply_masks(learner._with_bn(learner.backbone, learner.task_bn[t]),
+                            learner._fwd_mask(t))
+            _, f = learner.model.apply({"params": p, "batch_stats": learner.task_stats[t]}, x,
+                                       train=False, features=True)
+            want = np.asarray(f, np.float32) @ np.asarray(learner.heads["kernel"][t]) + \
+                np.asarray(learner.heads["bias"][t])
+            for axis in ("vmap", "map"):
+                learner.task_axis, learner._stacked = axis, None
+                learner._logits = jax.jit(learner._all_logits)
+                got = np.asarray(learner.all_logits(images))[:, t]
+                np.testing.assert_allclose(got[:, cmask[t]], want[:, cmask[t]], rtol=1e-4,
+                                           atol=1e-4)
 
 
 def test_channel_ownership_rule():

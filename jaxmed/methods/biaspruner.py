@@ -28,6 +28,10 @@ Decisions the paper leaves open:
     task t starts from task t-1's BN.
   - Phase 1 (GCE) trains the free weights of all units; units pruned from M_t stay free.
   - Global ranking uses raw scores across layers, as the paper describes.
+  - Task-agnostic inference runs every stored subnetwork inside one compiled program over
+    the stacked masks, BN and heads: `jax.vmap` (continual.task_axis='vmap') or `lax.map`
+    (the default, since vmapping over weights turns convolutions into grouped ones, which
+    were slower in every measurement: benchmarks/RESULTS.md).
   - The ablation 'magnitude' changes only the ranking (filter L1 norm, the lowest pruned): the
     GCE phase and the exp(alpha * GCE) fine-tuning weights stay, so the two differ in which
     units are removed and nothing else.
@@ -125,7 +129,11 @@ class SubnetLearner:
         cfg = env.config
         if not cfg.model.name.startswith("resnet"):
             raise ValueError("BiasPruner's units are ResNet inner channels: use a resnet model")
+        if cfg.continual.task_axis not in ("vmap", "map"):
+            raise ValueError(f"config.continual.task_axis must be 'vmap' or 'map', got "
+                             f"{cfg.continual.task_axis!r}")
         self.env, self.selection = env, selection
+        self.task_axis = cfg.continual.task_axis
         self.model = supervised.build_model(cfg.model, 1)  # heads live outside the model
         self.max_classes = env.max_classes
         rng = jax.random.PRNGKey(cfg.seed)
@@ -221,7 +229,11 @@ class SubnetLearner:
             params = apply_masks(self._with_bn(backbone, bn), mask)
             feats, _ = self._features(params, stats, images, False)
             return feats.astype(jnp.float32) @ head_k + head_b
-        logits = jax.vmap(one)(task_bn, task_stats, masks, heads["kernel"], heads["bias"])
+        per_task = (task_bn, task_stats, masks, heads["kernel"], heads["bias"])
+        if self.task_axis == "vmap":
+            logits = jax.vmap(one)(*per_task)
+        else:  # one subnetwork after another inside the same program
+            logits = jax.lax.map(lambda a: one(*a), per_task)
         return jnp.where(cmask[None], jnp.transpose(logits, (1, 0, 2)), continual.NEG)
 
     # -- the per-task cycle

@@ -64,6 +64,10 @@ def default_config() -> ml_collections.ConfigDict:
         ewc_samples=256,
         lwf_lambda=1.0,
         lwf_temperature=2.0,
+        # Subnetworks at inference, all in one program: 'map' (lax.map, one after another) or
+        # 'vmap' (batched over the stacked masks: grouped convolutions, measured 2.4-3.7x
+        # slower on CPU and, for PruneCXR's levels, 1.75x slower on an H100).
+        task_axis="map",
     ))
     c.train.optimizer = "adam"
     c.train.lr = 1e-4
