@@ -7,7 +7,7 @@ outline, while the background tone (the attribute `bias`, like skin type) matche
 95% of training images and 50% of test images. Runs BiasPruner, the magnitude ablation,
 PackNet, fine-tune, joint, EWC and LwF on a CIFAR ResNet-8; report in workdir/report/.
 
-What it shows (2-core CPU VM, ~8 min; benchmarks/RESULTS.md): BiasPruner removes the bias from
+What it shows (2-core CPU VM, ~7 min; benchmarks/RESULTS.md): BiasPruner removes the bias from
 the decision (EOdd 0.18 against 0.95 for fine-tuning, 1.96 for PackNet, 0.99 for the magnitude
 ablation with the same re-weighting), but its accuracy is within noise of the baselines: each
 task has only ~30 bias-conflicting training images to learn the outline from, and entropy task
