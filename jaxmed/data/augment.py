@@ -152,27 +152,34 @@ HOST_OPS: dict[str, Callable] = {
 GEOMETRIC = ("flip", "vflip", "rotate", "translate", "rrc")  # safe to apply to masks too
 
 
-def chain_names(spec: str) -> list[str]:
-    return [re.match(r"\w*", p.strip()).group(0) for p in (spec or "").split("|") if p.strip()]
+Step = tuple[str, tuple]  # (op name, its arguments): picklable, for grain worker processes
 
 
-def chain_args(spec: str) -> list[list]:
-    """'rrc(0.08)|rotate(15)|flip' -> [[0.08], [15], []]."""
+def parse_steps(spec: str) -> tuple[Step, ...]:
+    """'rrc(0.08)|rotate(15)|flip' -> (('rrc', (0.08,)), ('rotate', (15,)), ('flip', ()));
+    unknown names fail naming the op."""
     out = []
     for part in filter(None, (p.strip() for p in (spec or "").split("|"))):
         m = re.fullmatch(r"(\w+)(?:\((.*)\))?", part)
         if not m or m.group(1) not in HOST_OPS:
             raise ValueError(f"unknown augmentation {part!r} in {spec!r}; known: "
                              f"{sorted(HOST_OPS)}")
-        out.append([float(a) if "." in a else int(a) for a in m.group(2).split(",")]
-                   if m.group(2) else [])
-    return out
+        args = tuple(float(a) if "." in a else int(a) for a in m.group(2).split(",")) \
+            if m.group(2) else ()
+        out.append((m.group(1), args))
+    return tuple(out)
+
+
+def apply_steps(steps: tuple[Step, ...], x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    for name, args in steps:
+        x = HOST_OPS[name](x, rng, *args)
+    return np.ascontiguousarray(x)
 
 
 def parse_chain(spec: str) -> list[HostOp]:
     """'rrc(0.08)|flip|rotate(15)' -> list of ops; unknown names fail naming the op."""
     return [lambda x, rng, fn=HOST_OPS[name], args=args: fn(x, rng, *args)
-            for name, args in zip(chain_names(spec), chain_args(spec))]
+            for name, args in parse_steps(spec)]
 
 
 def apply_chain(ops: list[HostOp], x: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -38,15 +38,18 @@ class Preprocess:
     chain: str = ""
     seed: int = 0
     on_error: str = "raise"
+    steps: tuple = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):  # parse the chain once (and fail early on an unknown op)
+        object.__setattr__(self, "steps", augment.parse_steps(self.chain))
 
     def __call__(self, position: int, record: dict, valid: bool = True) -> dict:
-        ops = augment.parse_chain(self.chain)
-        names = augment.chain_names(self.chain)
+        steps = self.steps
         name = record["image"] if isinstance(record["image"], str) else f"record {record['index']}"
         hw = None if self.size is None else (self.size, self.size)
         # A chain that starts with a random resized crop crops the full (draft-decoded) image
         # and resizes once, as torchvision does, instead of resizing twice.
-        crop_first = bool(names) and names[0] == "rrc" and "mask" not in record and hw
+        crop_first = bool(steps) and steps[0][0] == "rrc" and "mask" not in record and hw
         try:
             image = decode_image(record["image"], size=None if crop_first else hw,
                                  at_least=hw if crop_first else None, channels=self.channels,
@@ -64,21 +67,20 @@ class Preprocess:
             image = np.zeros((self.size or 1, self.size or 1, c), np.uint8)
             mask = None if "mask" not in record else np.zeros(image.shape[:2] + (1,), np.uint8)
             valid = False
-        if ops:
+        if steps:
             rng = np.random.default_rng([self.seed, 7, int(position)])
             if mask is not None:  # geometric ops move image and mask together
-                other = [n for n in augment.chain_names(self.chain) if n not in augment.GEOMETRIC]
+                other = [n for n, _ in steps if n not in augment.GEOMETRIC]
                 if other:
                     raise ValueError(f"augmentation {other} would alter segmentation masks; "
                                      f"records with masks take only {augment.GEOMETRIC}")
-                both = augment.apply_chain(ops, np.concatenate([image, mask], -1), rng)
+                both = augment.apply_steps(steps, np.concatenate([image, mask], -1), rng)
                 image, mask = both[..., :-1], both[..., -1:]
             elif crop_first:
-                args = augment.chain_args(self.chain)[0]
-                image = augment.random_resized_crop(image, rng, *args, out_hw=hw)
-                image = augment.apply_chain(ops[1:], image, rng)
+                image = augment.random_resized_crop(image, rng, *steps[0][1], out_hw=hw)
+                image = augment.apply_steps(steps[1:], image, rng)
             else:
-                image = augment.apply_chain(ops, image, rng)
+                image = augment.apply_steps(steps, image, rng)
         out = {"image": np.ascontiguousarray(image), "label": record["label"],
                "attrs": dict(record.get("attrs", {})), "index": np.int32(record["index"]),
                "valid": np.bool_(valid)}
