@@ -279,6 +279,27 @@ def test_gradual_pruning_in_training_reaches_each_target(tmp_path):
     assert s["train_step"]._cache_size() == 1
 
 
+def test_one_shot_at_step_zero_prunes_before_training(tmp_path):
+    """The default schedule (one-shot at start_step 0) prunes before the first step: every
+    step trains the pruned network, and a misspelt distribution fails naming the key."""
+    from jaxmed.methods import supervised
+    from jaxmed.pruning.training import ScheduledPruning
+    from tests.configs import tiny
+
+    cfg = tiny.get_config()
+    cfg.pruning.criterion, cfg.pruning.target = "magnitude", 0.5
+    cfg.train.steps, cfg.train.epochs = 2, 0
+    seen = {}
+    result = supervised.train_and_evaluate(
+        cfg, str(tmp_path), hooks=[lambda step, state: seen.setdefault(
+            step, M.sparsity(jax.device_get(state.masks)))])
+    assert seen[1] == pytest.approx(0.5, abs=1e-4) and seen[2] == seen[1]
+    assert "test/accuracy" in result
+    cfg.pruning.distribution = "ERK"
+    with pytest.raises(ValueError, match="config.pruning.distribution='ERK'"):
+        ScheduledPruning(cfg.pruning)
+
+
 def test_iterative_magnitude_pruning_with_rewinding():
     init = {"d": {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(10, 10)),
                                         jnp.float32)}}

@@ -36,6 +36,11 @@ class ScheduledPruning:
         if cfg.criterion not in ("magnitude", "random"):
             raise ValueError(f"config.pruning.criterion={cfg.criterion!r}: use magnitude / random "
                              "(or none)")
+        if cfg.scope not in ("global", "layer"):
+            raise ValueError(f"config.pruning.scope={cfg.scope!r}: use global / layer")
+        if cfg.distribution not in ("uniform", "erk"):
+            raise ValueError(f"config.pruning.distribution={cfg.distribution!r}: use uniform / "
+                             "erk")
         self.cfg, self.writer = cfg, writer
         self.schedule = schedules.make_schedule(cfg.schedule, target=cfg.target,
                                                 start=cfg.start_step, end=cfg.end_step,
@@ -61,8 +66,6 @@ class ScheduledPruning:
         scoped = criteria.select(params)
         if self.cfg.scope == "global":
             return jnp.int32(criteria.prune_count(target, criteria.num_scored(scoped)))
-        if self.cfg.scope != "layer":
-            raise ValueError(f"config.pruning.scope={self.cfg.scope!r}: use global / layer")
         dist = (criteria.erk_distribution if self.cfg.distribution == "erk"
                 else criteria.uniform_distribution)
         return jax.tree.map(lambda k: None if k is None else jnp.int32(k),

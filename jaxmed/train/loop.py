@@ -74,7 +74,9 @@ def train_loop(*, workdir: str, settings: LoopSettings, state: Any, train_step: 
 
     train_step(state, global_batch) -> (state, {name: scalar}); evaluate(state, split) -> metrics
     dict without the split prefix; make_stream() -> a fresh `TrainStream`. state_hooks(step,
-    state) -> state run after every step (pruning schedules); hooks(step, state) observe only."""
+    state) -> state run with step = completed steps: at 0 before a fresh run's first step, then
+    after every step (pruning schedules: an event 'at step s' acts before training step s + 1);
+    hooks(step, state) observe only."""
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=settings.keep_checkpoints)
     best_ckpt = None
     if settings.early_stop_metric:
@@ -129,6 +131,9 @@ def train_loop(*, workdir: str, settings: LoopSettings, state: Any, train_step: 
         flush()
         ckpt.save(step, state, data_iterator=stream.iterator, meta={**meta, "loop": book})
 
+    if step == 0:  # (a resumed state already holds the hooks' effects up to its step)
+        for transform in state_hooks:
+            state = transform(0, state)
     stop = bool(book["stopped_early"])
     while step < total and not stop:
         batch = next(stream)
