@@ -50,7 +50,7 @@ import numpy as np
 from jaxmed import losses
 from jaxmed.data import augment
 from jaxmed.methods import continual, continual_baselines, supervised
-from jaxmed.pruning import criteria, structured
+from jaxmed.pruning import criteria, structured, sweep
 from jaxmed.pruning.masks import _is_none, apply_masks
 
 log = logging.getLogger(__name__)
@@ -129,9 +129,7 @@ class SubnetLearner:
         cfg = env.config
         if not cfg.model.name.startswith("resnet"):
             raise ValueError("BiasPruner's units are ResNet inner channels: use a resnet model")
-        if cfg.continual.task_axis not in ("vmap", "map"):
-            raise ValueError(f"config.continual.task_axis must be 'vmap' or 'map', got "
-                             f"{cfg.continual.task_axis!r}")
+        sweep.check_axis(cfg.continual.task_axis, "config.continual.task_axis")
         self.env, self.selection = env, selection
         self.task_axis = cfg.continual.task_axis
         self.model = supervised.build_model(cfg.model, 1)  # heads live outside the model
@@ -229,11 +227,9 @@ class SubnetLearner:
             params = apply_masks(self._with_bn(backbone, bn), mask)
             feats, _ = self._features(params, stats, images, False)
             return feats.astype(jnp.float32) @ head_k + head_b
-        per_task = (task_bn, task_stats, masks, heads["kernel"], heads["bias"])
-        if self.task_axis == "vmap":
-            logits = jax.vmap(one)(*per_task)
-        else:  # one subnetwork after another inside the same program
-            logits = jax.lax.map(lambda a: one(*a), per_task)
+        logits = sweep.over_stack(lambda a: one(*a), (task_bn, task_stats, masks,
+                                                       heads["kernel"], heads["bias"]),
+                                  self.task_axis)
         return jnp.where(cmask[None], jnp.transpose(logits, (1, 0, 2)), continual.NEG)
 
     # -- the per-task cycle

@@ -51,15 +51,25 @@ def make_forward(model, *, multi_label: bool, compute_dtype=jnp.float32,
         logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
         return jax.nn.sigmoid(logits) if multi_label else jax.nn.softmax(logits)
 
+    check_axis(level_axis, "level_axis")
+
     def forward(stacked, batch_stats, images):
         x = augment.normalize(images, dtype=compute_dtype)
-        if level_axis == "vmap":
-            return jax.vmap(lambda p: one(p, batch_stats, x))(stacked)
-        if level_axis == "map":
-            return jax.lax.map(lambda p: one(p, batch_stats, x), stacked)
-        raise ValueError(f"level_axis must be 'vmap' or 'map', got {level_axis!r}")
+        return over_stack(lambda p: one(p, batch_stats, x), stacked, level_axis)
 
     return jax.jit(forward)
+
+
+def check_axis(axis: str, key: str) -> None:
+    if axis not in ("vmap", "map"):
+        raise ValueError(f"{key} must be 'vmap' or 'map', got {axis!r}")
+
+
+def over_stack(fn: Callable, stacked, axis: str):
+    """fn over the leading axis of a stacked pytree (model copies: sparsity levels, tasks'
+    subnetworks) inside one program: 'vmap' batches them (convolutions become grouped ones),
+    'map' runs them one after another (`lax.map`), each a dense forward."""
+    return jax.vmap(fn)(stacked) if axis == "vmap" else jax.lax.map(fn, stacked)
 
 
 def sweep(forward: Callable, variables: dict, scores, sparsities: Sequence[float],
@@ -74,11 +84,12 @@ def sweep(forward: Callable, variables: dict, scores, sparsities: Sequence[float
     for start in range(0, len(padded), chunk):
         stacked = build_masked_params(variables["params"], scores,
                                       jnp.asarray(padded[start:start + chunk], jnp.int32))
-        preds = []
-        for b in batches():
-            p = np.asarray(jax.device_get(forward(stacked, variables["batch_stats"], b["image"])))
-            preds.append(p[:, np.asarray(b["valid"], bool)])
-        out.append(np.concatenate(preds, axis=1))
+        preds, valid = [], []
+        for b in batches():  # dispatch every batch, then fetch once: no per-batch host sync
+            preds.append(forward(stacked, variables["batch_stats"], b["image"]))
+            valid.append(np.asarray(b["valid"], bool))
+        out.append(np.concatenate([p[:, v] for p, v in zip(jax.device_get(preds), valid)],
+                                  axis=1))
         del stacked
     return np.concatenate(out, axis=0)[:len(counts)]
 
