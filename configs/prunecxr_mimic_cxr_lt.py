@@ -18,28 +18,7 @@ from jaxmed.methods import prunecxr
 
 
 def get_config(arg: str = ""):
-    c = prunecxr.default_config()
-    c.data.name = "mimic_cxr_lt"
-    c.data.image_size = 256
-    c.data.channels = 3
-    c.data.train_augment = "flip|rotate(15)"
-    c.data.num_workers = 16
-    c.model.name = "resnet50"
-    c.model.stem = "imagenet"
-    c.model.dtype = "bfloat16"
-    c.train.loss = "bce"
-    c.train.optimizer = "adam"
-    c.train.lr = 1e-4
-    c.train.weight_decay = 0.0
-    c.train.batch_size = 256
-    c.train.eval_batch_size = 256
-    c.train.epochs = 60
-    c.train.early_stop_metric = "val/loss"
-    c.train.patience = 15
-    c.train.log_every = 50
-    c.prunecxr.num_runs = 30
-    c.prunecxr.chunk = 5
-    c.prunecxr.sweep_batch_size = 64
+    c = prunecxr.paper_config("mimic_cxr_lt")
     if arg:
         raise ValueError(f"unknown variant {arg!r}")
     return c
