@@ -3,24 +3,15 @@ subnetwork sizes and overlaps, in workdir/report/."""
 
 from __future__ import annotations
 
-import csv
 import os
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from jaxmed.methods.report_files import plt, save_figure, write_csv
 
 SUMMARY = ["acc", "bwt", "forgetting", "aware_acc", "task_selection", "eopp0", "eopp1", "eodd",
            "dp_ratio"]
 
-
-def _write_csv(path, header, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
 
 
 def _heatmap(ax, m, title):
@@ -38,17 +29,17 @@ def _heatmap(ax, m, title):
 def write_report(d: str, results: dict, tasks) -> None:
     os.makedirs(d, exist_ok=True)
     methods = list(results)
-    _write_csv(os.path.join(d, "comparison.csv"), ["method", *SUMMARY],
+    write_csv(os.path.join(d, "comparison.csv"), ["method", *SUMMARY],
                [[m, *[results[m]["summary"][k] for k in SUMMARY]] for m in methods])
     rows = []
     for m in methods:
         for t, f in enumerate(results[m]["fairness"]):
             rows.append([m, t, *[f[k] for k in sorted(f)]])
     keys = sorted(results[methods[0]]["fairness"][0])
-    _write_csv(os.path.join(d, "fairness.csv"), ["method", "task", *keys], rows)
+    write_csv(os.path.join(d, "fairness.csv"), ["method", "task", *keys], rows)
     for m in methods:
         for kind in ("agnostic", "aware"):
-            _write_csv(os.path.join(d, f"accuracy_matrix_{m}_{kind}.csv"),
+            write_csv(os.path.join(d, f"accuracy_matrix_{m}_{kind}.csv"),
                        ["after_task", *[f"task{j}" for j in range(len(tasks))]],
                        [[i, *row] for i, row in enumerate(results[m][kind])])
 
@@ -57,9 +48,7 @@ def write_report(d: str, results: dict, tasks) -> None:
         _heatmap(axes[0, k], results[m]["agnostic"], f"{m}\ntask-agnostic")
         _heatmap(axes[1, k], results[m]["aware"], f"{m}\ntask-aware")
     fig.suptitle("Accuracy matrices R[i, j]: after task i, on task j")
-    fig.tight_layout()
-    fig.savefig(os.path.join(d, "accuracy_matrices.png"), dpi=110)
-    plt.close(fig)
+    save_figure(fig, os.path.join(d, "accuracy_matrices.png"), dpi=110)
 
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(methods), 3.6))
     x = np.arange(len(methods))
@@ -68,9 +57,7 @@ def write_report(d: str, results: dict, tasks) -> None:
     ax.set_xticks(x, methods, rotation=30, fontsize=8)
     ax.set(title="Final accuracy (task-agnostic) and equalized-odds gap (task-aware)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(d, "acc_vs_eodd.png"), dpi=110)
-    plt.close(fig)
+    save_figure(fig, os.path.join(d, "acc_vs_eodd.png"), dpi=110)
 
     mask_rows = []
     for m in methods:
@@ -80,7 +67,7 @@ def write_report(d: str, results: dict, tasks) -> None:
                 mask_rows.append([m, t, mr["unit"], mr["total"], kept, owned,
                                   " ".join(f"{v:.2f}" for v in mr["iou"][t])])
     if mask_rows:
-        _write_csv(os.path.join(d, "subnetworks.csv"),
+        write_csv(os.path.join(d, "subnetworks.csv"),
                    ["method", "task", "unit", "total", "kept", "owned_new", "iou_with_tasks"],
                    mask_rows)
     num_test = sum(len(t.splits["test"]) for t in tasks)

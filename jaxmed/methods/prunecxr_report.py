@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import os
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from jaxmed.data.images import decode_image  # noqa: E402
-from jaxmed.methods import prunecxr_analysis as A  # noqa: E402
+from jaxmed.data.images import decode_image
+from jaxmed.methods import prunecxr_analysis as A
+from jaxmed.methods.report_files import plt, save_figure, write_csv
 
 TARGETS = {  # the reference's printed figures (r, rho): NIH, MIMIC
     "log train freq vs first 20% AP drop": ((0.64, 0.61), (0.82, 0.93)),
@@ -21,12 +17,6 @@ TARGETS = {  # the reference's printed figures (r, rho): NIH, MIMIC
     "FCD vs IoU^(1/4)": ((-0.43, -0.47), (-0.28, -0.30)),
 }
 
-
-def _csv(path, header, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
 
 
 def _fmt(v):
@@ -91,41 +81,41 @@ def _tables(d, res):
                 for s in range(arr.shape[1]):
                     rows += [[kind, metric, r, sp[s], names[c], arr[r, s, c]]
                              for c in range(arr.shape[2])]
-    _csv(os.path.join(d, "metrics_by_sparsity.csv"),
+    write_csv(os.path.join(d, "metrics_by_sparsity.csv"),
          ["prune_type", "metric", "run", "sparsity", "class", "value"], rows)
     rows = [[kind, metric, names[c], sp[s], k["curves"][metric][s, c]]
             for kind, k in res["kinds"].items() for metric in k["curves"]
             for c in range(len(names)) for s in range(len(sp))]
-    _csv(os.path.join(d, "forgettability.csv"),
+    write_csv(os.path.join(d, "forgettability.csv"),
          ["prune_type", "metric", "class", "sparsity", "median_relative_change"], rows)
     rows = []
     for kind, k in res["kinds"].items():
         dense = np.median(k["metrics"]["ap"][:, 0], axis=0)
         rows += [[kind, names[c], int(res["counts"][c]), res["log_freq"][c], dense[c],
                   _fmt(k["first_drop"][c]), k["change"][c]] for c in range(len(names))]
-    _csv(os.path.join(d, "per_class.csv"), ["prune_type", "class", "train_count", "log_freq",
+    write_csv(os.path.join(d, "per_class.csv"), ["prune_type", "class", "train_count", "log_freq",
                                             "dense_ap_median", "first_20pct_ap_drop",
                                             "relative_ap_change_at_95"], rows)
     rows = [[kind, rel, c.n, c.pearson_r, c.pearson_p, c.spearman_rho, c.spearman_p]
             for kind, k in res["kinds"].items() for rel, c in k["corr"].items()]
-    _csv(os.path.join(d, "correlations.csv"), ["prune_type", "relation", "n", "pearson_r",
+    write_csv(os.path.join(d, "correlations.csv"), ["prune_type", "relation", "n", "pearson_r",
                                                "pearson_p", "spearman_rho", "spearman_p"], rows)
     rows = [[kind, names[i], names[j], f, dl, q] for kind, k in res["kinds"].items()
             for i, j, f, dl, q in zip(k["pairs"]["i"], k["pairs"]["j"], k["pairs"]["fcd"],
                                       k["pairs"]["dlogfreq"], k["pairs"]["iou_quarter"])]
-    _csv(os.path.join(d, "class_pairs.csv"),
+    write_csv(os.path.join(d, "class_pairs.csv"),
          ["prune_type", "class_a", "class_b", "fcd", "abs_diff_log_freq", "iou_quarter"], rows)
     p = res["pies"]
     is_pie = np.zeros(len(p["scores"]), bool)
     is_pie[p["indices"]] = True
-    _csv(os.path.join(d, "pies.csv"), ["test_row", "spearman_dense_vs_pruned", "is_pie",
+    write_csv(os.path.join(d, "pies.csv"), ["test_row", "spearman_dense_vs_pruned", "is_pie",
                                        "labels"],
          [[i, p["scores"][i], int(is_pie[i]),
            "|".join(n for n, y in zip(names, res["labels"][i]) if y > 0.5)]
           for i in range(len(is_pie))])
-    _csv(os.path.join(d, "pie_prevalence_ratio.csv"), ["class", "train_count", "ratio"],
+    write_csv(os.path.join(d, "pie_prevalence_ratio.csv"), ["class", "train_count", "ratio"],
          [[names[c], int(res["counts"][c]), p["ratio"][c]] for c in range(len(names))])
-    _csv(os.path.join(d, "pie_disease_counts.csv"), ["diseases", "pie_share", "non_pie_share"],
+    write_csv(os.path.join(d, "pie_disease_counts.csv"), ["diseases", "pie_share", "non_pie_share"],
          [[b, a, c] for b, a, c in zip(p["diseases"]["bins"], p["diseases"]["pie"],
                                        p["diseases"]["non_pie"])])
 
@@ -139,9 +129,7 @@ def _figures(d, res):
     ax.set(xlabel="sparsity", ylabel="test mAP (mean ± std over runs)",
            title="mAP vs sparsity per prune type")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(d, "map_vs_sparsity.png"), dpi=120)
-    plt.close(fig)
+    save_figure(fig, os.path.join(d, "map_vs_sparsity.png"), dpi=120)
 
     for kind, k in res["kinds"].items():
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -154,9 +142,7 @@ def _figures(d, res):
         fig.colorbar(sm, ax=ax, label="log training frequency")
         ax.set(xlabel="sparsity", ylabel="median relative AP change",
                title=f"Forgettability curves per class ({kind} pruning)")
-        fig.tight_layout()
-        fig.savefig(os.path.join(d, f"forgettability_{kind}.png"), dpi=120)
-        plt.close(fig)
+        save_figure(fig, os.path.join(d, f"forgettability_{kind}.png"), dpi=120)
 
         fig, axes = plt.subplots(2, 2, figsize=(10, 8))
         pr = k["pairs"]
@@ -173,9 +159,7 @@ def _figures(d, res):
                          f"rho={c.spearman_rho:.2f} (p={c.spearman_p:.2g})")
             ax.title.set_fontsize(8)
         fig.suptitle(f"Correlations ({kind} pruning)")
-        fig.tight_layout()
-        fig.savefig(os.path.join(d, f"correlations_{kind}.png"), dpi=120)
-        plt.close(fig)
+        save_figure(fig, os.path.join(d, f"correlations_{kind}.png"), dpi=120)
 
     p = res["pies"]
     order = np.argsort(-res["counts"])
@@ -186,9 +170,7 @@ def _figures(d, res):
                   fontsize=7)
     ax.set(ylabel="prevalence in PIEs / in non-PIEs",
            title="PIE prevalence ratio per class (head -> tail)")
-    fig.tight_layout()
-    fig.savefig(os.path.join(d, "pie_prevalence_ratio.png"), dpi=120)
-    plt.close(fig)
+    save_figure(fig, os.path.join(d, "pie_prevalence_ratio.png"), dpi=120)
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     x = np.arange(5)
@@ -198,9 +180,7 @@ def _figures(d, res):
     ax.set(xlabel="number of diseases per image", ylabel="share of images",
            title="Number of diseases: PIEs vs non-PIEs")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(d, "pie_disease_counts.png"), dpi=120)
-    plt.close(fig)
+    save_figure(fig, os.path.join(d, "pie_disease_counts.png"), dpi=120)
 
 
 def _pie_grid(path, res, ds, config):
@@ -220,9 +200,7 @@ def _pie_grid(path, res, ds, config):
         ax.set_title("\n".join([", ".join(names[:3]) or "(none)",
                                 f"rho={p['scores'][t]:.2f}"]), fontsize=7)
     fig.suptitle("Pruning-identified exemplars (dense vs 90% sparse ensembles)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def _summary(d, res, config) -> dict:
