@@ -3,7 +3,6 @@ MIMIC-CXR-LT. Images are 1-channel; configs usually set `data.channels=3` for Im
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 
@@ -29,11 +28,6 @@ MIMIC_LT_CLASSES = ["Support Devices", "Lung Opacity", "Cardiomegaly", "Pleural 
                     "Calcification of the Aorta", "Tortuous Aorta", "Subcutaneous Emphysema",
                     "Lung Lesion", "Pneumomediastinum", "Pneumoperitoneum", "Pleural Other"]
 NIH_COLUMNS = ["Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender"]
-
-
-def _find(root: str, name: str) -> str:
-    hits = sorted(glob.glob(os.path.join(root, "**", name), recursive=True))
-    return hits[0] if hits else os.path.join(root, name)
 
 
 def nih_findings(table: T.Table, classes=NIH_CLASSES) -> np.ndarray:
@@ -73,12 +67,13 @@ def nih_cxr14(cfg) -> Dataset:
     BiasPruner's GbP files (see `nih_gbp`)."""
     if cfg.split_file:
         return nih_gbp(cfg)
-    t = T.read_csv(_find(cfg.root, "Data_Entry_2017.csv"), NIH_COLUMNS, dataset="NIH ChestX-ray14")
+    t = T.read_csv(T.find_file(cfg.root, "Data_Entry_2017.csv"), NIH_COLUMNS,
+                   dataset="NIH ChestX-ray14")
     images = t.column("Image Index")
     src = TableSource(T.locate(images, T.index_images(cfg.root), cfg.root, ".png"),
                       nih_findings(t), nih_attrs(t))
     patients = t.column("Patient ID")
-    test_list = _find(cfg.root, "test_list.txt")
+    test_list = T.find_file(cfg.root, "test_list.txt")
     if os.path.isfile(test_list):
         test = _read_list(test_list)
         is_test = np.asarray([i in test for i in images])
@@ -134,9 +129,9 @@ def nih_cxr_lt(cfg) -> Dataset:
     `id` = image file, `subj_id`, one 0/1 column per class, 20 classes) found under root or
     beside `split_file`; images from the NIH download; sex / age from `Data_Entry_2017.csv` when
     present."""
-    base = cfg.split_file or _find(cfg.root, "miccai2023_nih-cxr-lt_labels_train.csv")
+    base = cfg.split_file or T.find_file(cfg.root, "miccai2023_nih-cxr-lt_labels_train.csv")
     index = T.index_images(cfg.root)
-    entry = _find(cfg.root, "Data_Entry_2017.csv")
+    entry = T.find_file(cfg.root, "Data_Entry_2017.csv")
     demo = {}
     if os.path.isfile(entry):
         e = T.read_csv(entry, NIH_COLUMNS, dataset="NIH ChestX-ray14")
@@ -161,7 +156,7 @@ def nih_cxr_lt(cfg) -> Dataset:
 def mimic_cxr_lt(cfg) -> Dataset:
     """MIMIC-CXR-LT (MICCAI 2023): `miccai2023_mimic-cxr-lt_labels_{train,val,test}.csv` with
     `path` relative to the MIMIC-CXR-JPG root (= config.data.root) and 19 class columns."""
-    base = cfg.split_file or _find(cfg.root, "miccai2023_mimic-cxr-lt_labels_train.csv")
+    base = cfg.split_file or T.find_file(cfg.root, "miccai2023_mimic-cxr-lt_labels_train.csv")
     splits = {}
     for split in ("train", "val", "test"):
         t = T.read_csv(T.sibling(base, "_train", f"_{split}"), ["path", *MIMIC_LT_CLASSES],

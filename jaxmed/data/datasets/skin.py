@@ -8,7 +8,6 @@ Each reads the files exactly as the official download ships them under `config.d
 
 from __future__ import annotations
 
-import glob
 import os
 
 import numpy as np
@@ -25,14 +24,6 @@ FOPRO_CLASSES = ["NV", "MEL", "BCC", "BKL", "AK", "SCC", "VASC", "DF"]  # `findi
 FITZ_THREE = ["non-neoplastic", "benign", "malignant"]
 
 
-def _first(root: str, *patterns: str) -> str:
-    for p in patterns:
-        hits = sorted(glob.glob(os.path.join(root, "**", p), recursive=True))
-        if hits:
-            return hits[0]
-    return os.path.join(root, patterns[0])
-
-
 def _group_splits(cfg, groups, source: TableSource) -> dict[str, TableSource]:
     """Train / val / test of a dataset without an official split, group-wise and stable."""
     parts = T.group_split(groups, cfg.val_fraction, cfg.test_fraction)
@@ -44,7 +35,7 @@ def _group_splits(cfg, groups, source: TableSource) -> dict[str, TableSource]:
 def ham10000(cfg) -> Dataset:
     """HAM10000: `HAM10000_metadata.csv` + images in one or two folders (part_1 / part_2).
     No official split: a lesion-wise split (all images of a lesion in one split)."""
-    meta = cfg.split_file or _first(cfg.root, "HAM10000_metadata.csv", "HAM10000_metadata")
+    meta = cfg.split_file or T.find_file(cfg.root, "HAM10000_metadata.csv", "HAM10000_metadata")
     t = T.read_csv(meta, ["lesion_id", "image_id", "dx", "age", "sex"], dataset="HAM10000")
     labels = T.categorical(t, "dx", HAM_CLASSES)
     attrs = {"sex": T.sex_codes(t.column("sex")), "age_group": T.age_groups(t.column("age"))}
@@ -78,9 +69,9 @@ def isic2018(cfg) -> Dataset:
         return TableSource(T.locate(t.column("image"), index, cfg.root),
                            T.onehot_labels(t, ISIC2018_CLASSES))
 
-    train = read(cfg.split_file or _first(cfg.root, "ISIC2018_Task3_Training_GroundTruth.csv"))
-    val_csv = _first(cfg.root, "ISIC2018_Task3_Validation_GroundTruth.csv")
-    test_csv = _first(cfg.root, "ISIC2018_Task3_Test_GroundTruth.csv")
+    train = read(cfg.split_file or T.find_file(cfg.root, "ISIC2018_Task3_Training_GroundTruth.csv"))
+    val_csv = T.find_file(cfg.root, "ISIC2018_Task3_Validation_GroundTruth.csv")
+    test_csv = T.find_file(cfg.root, "ISIC2018_Task3_Test_GroundTruth.csv")
     if os.path.isfile(val_csv) and os.path.isfile(test_csv) and not cfg.split_file:
         splits = {"train": train, "val": read(val_csv), "test": read(test_csv)}
     else:
@@ -112,7 +103,7 @@ def isic2019(cfg) -> Dataset:
     for sex / age, when present). split_file: a FoPro-KD `train_skin{fold}_{imb}.csv` (val /
     test CSVs beside it; label = `finding`, 0 NV ... 7 DF), else a lesion-wise split."""
     index = T.index_images(cfg.root)
-    meta_csv = _first(cfg.root, "ISIC_2019_Training_Metadata.csv")
+    meta_csv = T.find_file(cfg.root, "ISIC_2019_Training_Metadata.csv")
     meta = {}
     if os.path.isfile(meta_csv):
         m = T.read_csv(meta_csv, ["image", "age_approx", "sex"], dataset="ISIC 2019 metadata")
@@ -135,7 +126,7 @@ def isic2019(cfg) -> Dataset:
                                         attrs_for(images))
         return Dataset(splits, DatasetInfo("isic2019", FOPRO_CLASSES, False, 3,
                                            attr_names=["sex", "age_group"]))
-    gt = _first(cfg.root, "ISIC_2019_Training_GroundTruth.csv")
+    gt = T.find_file(cfg.root, "ISIC_2019_Training_GroundTruth.csv")
     t = T.read_csv(gt, ["image", *ISIC2019_CLASSES, "UNK"], dataset="ISIC 2019")
     labels = T.onehot_labels(t, ISIC2019_CLASSES + ["UNK"])
     if (labels == len(ISIC2019_CLASSES)).any():
@@ -185,7 +176,7 @@ def isic2020(cfg) -> Dataset:
                                         {"age_group": ages, "sex": T.sex_codes(t.column("sex"))})
         return Dataset(splits, DatasetInfo("isic2020", classes, False, 3,
                                            attr_names=["age_group", "sex"]))
-    gt = _first(cfg.root, "ISIC_2020_Training_GroundTruth.csv")
+    gt = T.find_file(cfg.root, "ISIC_2020_Training_GroundTruth.csv")
     t = T.read_csv(gt, ["image_name", "patient_id", "sex", "age_approx", "target"],
                    dataset="ISIC 2020")
     src = TableSource(T.locate(t.column("image_name"), index, cfg.root),
@@ -217,7 +208,7 @@ def fitzpatrick17k(cfg) -> Dataset:
                 {"skin_group": T.categorical(t, "fitzpatrick", ["0", "1"])})
         return Dataset(splits, DatasetInfo("fitzpatrick17k", ["benign", "malignant"], False, 3,
                                            attr_names=["skin_group"]))
-    path = _first(cfg.root, "fitzpatrick17k.csv")
+    path = T.find_file(cfg.root, "fitzpatrick17k.csv")
     t = T.read_csv(path, ["md5hash", "fitzpatrick_scale", "three_partition_label"],
                    dataset="Fitzpatrick17k")
     scale = np.asarray([int(v) if v.strip().lstrip("-").isdigit() else -1

@@ -5,6 +5,7 @@ splits that are stable across machines."""
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import logging
 import os
@@ -178,6 +179,16 @@ def index_images(root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> dic
             if ext.lower() in extensions and stem not in found:
                 found[stem] = os.path.join(dirpath, name)
     return found
+
+
+def find_file(root: str, *names: str) -> str:
+    """The first file below root named like one of `names` (glob patterns, tried in order);
+    the path it should have under root when there is none (reported missing when read)."""
+    for n in names:
+        hits = sorted(glob.glob(os.path.join(root, "**", n), recursive=True))
+        if hits:
+            return hits[0]
+    return os.path.join(root, names[0])
 
 
 def locate(ids: Sequence[str], index: dict[str, str], root: str, ext: str = ".jpg") -> list[str]:
