@@ -48,6 +48,7 @@ from jaxmed.train.checkpoint import Checkpointer
 log = logging.getLogger(__name__)
 
 DEFAULT_SPARSITIES = tuple(round(0.05 * i, 2) for i in range(20))
+SWEEP_CACHE_BYTES = 8 * 2**30  # decoded test images kept in host memory for the sweeps
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -194,10 +195,20 @@ def run_sweeps(config, workdir: str, ds, models: list[str]) -> None:
     pre = Preprocess(size, channels, "", config.seed, config.data.on_error)
     test = ds["test"]
 
-    def batches():
+    def stream():
         return eval_batches(test, global_batch=pc.sweep_batch_size, preprocess=pre,
                             num_workers=config.data.num_workers, process_index=0,
                             process_count=1)
+
+    # Every run x prune type x chunk of levels reads the whole test set: decode it once when
+    # it fits in host memory.
+    if len(test) * size * size * channels <= SWEEP_CACHE_BYTES:
+        cached = list(stream())
+        batches = lambda: cached  # noqa: E731
+    else:
+        log.info("test set larger than %d bytes decoded: decoding it on every sweep pass",
+                 SWEEP_CACHE_BYTES)
+        batches = stream
 
     os.makedirs(os.path.join(workdir, "sweep"), exist_ok=True)
     if sharding.is_lead_process():
