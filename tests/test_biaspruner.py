@@ -146,6 +146,8 @@ def test_earlier_tasks_are_bitwise_frozen(env, tmp_path, selection):
             changed_free.append(int(np.sum(np.asarray(b)[~o] != np.asarray(a)[~o])))
 
     jax.tree.map(check, owner0, before, after, is_leaf=lambda x: x is None)
+    # One program per loss (GCE, CE) for both phases of both tasks.
+    assert learner._step._cache_size() == (2 if selection == "bias" else 1)
     assert len(changed_free) > 5 and sum(changed_free) > 0  # task 1 did train something
     for k in bn0:
         np.testing.assert_array_equal(learner.task_bn[0][k], bn0[k])
@@ -176,6 +178,17 @@ def test_earlier_tasks_are_bitwise_frozen(env, tmp_path, selection):
                 got = np.asarray(learner.all_logits(images))[:, t]
                 np.testing.assert_allclose(got[:, cmask[t]], want[:, cmask[t]], rtol=1e-4,
                                            atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["ewc", "lwf"])
+def test_shared_baselines_compile_each_step_once(env, tmp_path, kind):
+    from jaxmed.methods import continual_baselines
+    learner = continual_baselines.LEARNERS[kind](env)
+    for t, task in enumerate(env.tasks):
+        learner.train_task(t, task, str(tmp_path / f"t{t}"))
+    assert learner._step._cache_size() == 1
+    if kind == "ewc":
+        assert sum(float(np.sum(f)) for f in jax.tree.leaves(learner.fisher)) > 0
 
 
 def test_channel_ownership_rule():

@@ -257,7 +257,7 @@ class SubnetLearner:
         if t > 0:
             self.task_bn[t], self.task_stats[t] = self.task_bn[t - 1], self.task_stats[t - 1]
         params = {"backbone": self._with_bn(self.backbone, self.task_bn[t]), "heads": self.heads}
-        n_index = int(max(int(source[i]["index"]) for i in range(len(source)))) + 1
+        n_index = self.env.index_bound
         ones = jnp.ones(n_index, jnp.float32)
         all_units = jax.tree.map(lambda m: None if m is None else np.ones_like(m),
                                  self._fwd_mask(t), is_leaf=_is_none)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -203,6 +204,14 @@ class Env:
     @property
     def max_classes(self) -> int:
         return max(t.num_classes for t in self.tasks)
+
+    @functools.cached_property
+    def index_bound(self) -> int:
+        """1 + the largest stable record index of any task's training set: the size of
+        per-sample tables (fine-tuning weights), the same for every task so that the steps
+        taking them compile once."""
+        return 1 + max(int(src[i]["index"]) for src in (t.splits["train"] for t in self.tasks)
+                       for i in range(len(src)))
 
     def preprocess(self, chain: str = "", seed: int = 0) -> Preprocess:
         size, _, channels = self.image_shape
