@@ -323,14 +323,13 @@ class SubnetLearner:
         self._stacked = None
 
     def _bias_scores(self, params, stats, cmask, t, source):
-        easy = hard = None
-        n_easy = n_hard = 0
+        total = None  # summed on device; fetched once after the pass
         for b in self.env.batches(source):
-            e, h, ne, nh = self._scores(params["backbone"], stats, params["heads"], cmask, t,
-                                        b["image"], b["label"], b["valid"])
-            easy = e if easy is None else jax.tree.map(jnp.add, easy, e)
-            hard = h if hard is None else jax.tree.map(jnp.add, hard, h)
-            n_easy, n_hard = n_easy + int(ne), n_hard + int(nh)
+            part = self._scores(params["backbone"], stats, params["heads"], cmask, t,
+                                b["image"], b["label"], b["valid"])
+            total = part if total is None else jax.tree.map(jnp.add, total, part)
+        easy, hard, n_easy, n_hard = jax.device_get(total)
+        n_easy, n_hard = int(n_easy), int(n_hard)
         if n_easy == 0 or n_hard == 0:
             log.warning("bias scores: %d aligned and %d conflicting samples; a missing group "
                         "counts as zero activation", n_easy, n_hard)
@@ -353,13 +352,14 @@ class SubnetLearner:
 
     def _gce_losses(self, params, stats, cmask, t, source):
         """Per-sample GCE loss of the biased model (for exp(alpha * loss) weights)."""
-        idx, vals = [], []
+        idx, vals, keep = [], [], []
         for b in self.env.batches(source):
-            keep = np.asarray(b["valid"], bool)
-            idx.append(np.asarray(b["index"])[keep])
-            vals.append(np.asarray(self._gce(params, stats, cmask, t, b["image"],
-                                             b["label"]))[keep])
-        return np.concatenate(idx), np.concatenate(vals)
+            keep.append(np.asarray(b["valid"], bool))
+            idx.append(np.asarray(b["index"]))
+            vals.append(self._gce(params, stats, cmask, t, b["image"], b["label"]))
+        vals = jax.device_get(vals)  # one fetch after dispatching every batch
+        return (np.concatenate([i[k] for i, k in zip(idx, keep)]),
+                np.concatenate([v[k] for v, k in zip(vals, keep)]))
 
     def _select_packnet(self, t, backbone):
         """Keep the largest (1 - gamma) of each layer's free weights for task t; zero the rest
