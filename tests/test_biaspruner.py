@@ -228,6 +228,14 @@ def test_comparison_end_to_end(tmp_path):
     assert again["biaspruner/acc"] == pytest.approx(result["biaspruner/acc"])
 
 
+def test_unknown_sensitive_attribute_fails_naming_the_key(tmp_path):
+    from configs import biaspruner_quick
+    cfg = biaspruner_quick.get_config("tiny")
+    cfg.continual.sensitive_attr = "skin_type"
+    with pytest.raises(ValueError, match=r"sensitive_attr='skin_type'.*\['bias'\]"):
+        biaspruner.train_and_evaluate(cfg, str(tmp_path))
+
+
 def test_report_verdicts_weigh_sampling_noise():
     """A 0.01 lead on 200 test images is noise; a 0.2 lead is not; chance-level selection is
     called out."""

@@ -54,7 +54,8 @@ def default_config() -> ml_collections.ConfigDict:
         task_split_files="",  # or one reference split file per task, '|' between tasks
         methods="biaspruner",  # any of biaspruner, biaspruner_magnitude, packnet, finetune,
         # joint, ewc, lwf (comma-separated): all run on the same tasks, compared in the report
-        sensitive_attr="bias",  # attribute for fairness (synthetic: 'bias'; fitz: skin_group)
+        sensitive_attr="bias",  # attribute for fairness (synthetic: 'bias'; fitz: skin_group;
+        # '' = none: fairness metrics are NaN)
         positive_class=1,  # within-task label counted as positive for TPR / FPR
         biased_epochs=4,  # BiasPruner / PackNet first phase (GCE / CE on free units)
         finetune_epochs=4,  # second phase (subnetwork fine-tuning)
@@ -324,6 +325,10 @@ def run(config, workdir: str, learners: dict[str, Callable]) -> dict:
 
     supervised.write_config(config, workdir)
     tasks, info = build_tasks(config)
+    attr = config.continual.sensitive_attr
+    if attr and attr not in info.attr_names:
+        raise ValueError(f"config.continual.sensitive_attr={attr!r} is not an attribute of "
+                         f"{info.name}; its attributes: {info.attr_names} ('' skips fairness)")
     env = Env(config, tasks, info)
     methods = [m.strip() for m in config.continual.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in learners]
