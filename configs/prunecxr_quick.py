@@ -4,7 +4,7 @@
 
 3 runs of a small ResNet-18 (small stem, width 8) on 32 px synthetic images with 8 findings
 whose prevalence falls 20x from head to tail; 20 sparsities x {L1, random}; the report lands in
-workdirs/prunecxr_quick/report/ (about 4 minutes on 2 CPU cores).
+workdirs/prunecxr_quick/report/ (about 3 minutes on 2 CPU cores).
 """
 
 from jaxmed.methods import prunecxr
