@@ -8,6 +8,7 @@ join through `jax.distributed.initialize()`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -16,7 +17,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxmed.config_check import ConfigKeyError, check_keys
+from jaxmed.config_check import ConfigKeyError, check_keys, check_values
 
 METHODS = {
     "supervised": "jaxmed.methods.supervised",
@@ -28,6 +29,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (file.py or file.py:arg).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
+flags.DEFINE_bool("allow_config_change", False,
+                  "Resume a workdir whose config differs in keys that change results; the "
+                  "change is recorded in workdir/config_history.jsonl.")
 flags.DEFINE_string("coordinator_address", os.environ.get("JAXMED_COORDINATOR", ""),
                     "host:port of process 0, to join several processes by hand.")
 flags.DEFINE_integer("num_processes", int(os.environ.get("JAXMED_NUM_PROCESSES", "1")),
@@ -45,10 +49,36 @@ def method_module(config):
 
 
 def validate(config):
-    """Check every key against the method's default config; returns the method module."""
+    """Check every key against the method's default config and every value that no run can
+    use; returns the method module."""
     module = method_module(config)
     check_keys(config, module.default_config())
+    check_values(config)
+    if hasattr(module, "check_config"):  # the method's own checks (tuples, ranges...)
+        try:
+            module.check_config(config)
+        except ValueError as e:
+            raise ConfigKeyError(str(e)) from None
     return module
+
+
+def parse_flags(argv):
+    """absl's flag parsing, with a bad `--config.*` override reported like a bad key in a
+    config file: one line, exit 2 (not a traceback)."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        given = [a.split("=")[0][len("--config."):] for a in argv[1:]
+                 if a.startswith("--config.")]
+        name = str(e).strip("\"'")
+        bad = [k for k in given if name in k.split(".")]
+        what = (f"unknown config key {bad[0]!r} (--config.{bad[0]} on the command line)" if bad
+                else f"{e} (command-line overrides: {', '.join(given) or 'none'})")
+        print(f"config error: {what}", file=sys.stderr)
+        sys.exit(2)
 
 
 def initialize_distributed() -> None:
@@ -70,9 +100,14 @@ def main(argv) -> None:
         raise app.UsageError("--config and --workdir are required")
     logging.getLogger("jaxmed").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax / grain chatter
+    from jaxmed.train import workdir as workdir_lib
+
     try:
         module = validate(FLAGS.config)
-    except ConfigKeyError as e:
+        harmless = tuple(getattr(module, "HARMLESS_KEYS", ()))
+        workdir_lib.check_config(FLAGS.config, FLAGS.workdir,
+                                 allow_changed=FLAGS.allow_config_change, harmless=harmless)
+    except (ConfigKeyError, workdir_lib.ConfigChangedError) as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
     initialize_distributed()
@@ -86,15 +121,28 @@ def main(argv) -> None:
         # study (PruneCXR runs, continual baselines), reuse them.
         jax.config.update("jax_compilation_cache_dir", os.path.join(FLAGS.workdir, "xla_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    result = module.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        with workdir_lib.lock(FLAGS.workdir) if jax.process_index() == 0 else _nothing():
+            if FLAGS.allow_config_change:
+                workdir_lib.write_config(FLAGS.config, FLAGS.workdir, allow_changed=True,
+                                         harmless=harmless)
+            result = module.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except workdir_lib.WorkdirLockedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
     if jax.process_index() == 0:
         print("final:", {k: round(v, 4) if isinstance(v, float) else v
                          for k, v in (result or {}).items()}, flush=True)
 
 
+@contextlib.contextmanager
+def _nothing():
+    yield
+
+
 def run() -> None:
     """Console script `jaxmed`."""
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

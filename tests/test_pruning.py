@@ -264,11 +264,11 @@ def test_gradual_pruning_in_training_reaches_each_target(tmp_path):
                             masks, params, is_leaf=lambda x: x is None)
         assert all(jax.tree.leaves(zero))
 
-    s = supervised.setup(cfg, str(tmp_path))
+    run = supervised.build_run(cfg)
     hook = ScheduledPruning(cfg.pruning)
     train_loop(workdir=str(tmp_path), settings=LoopSettings.from_config(cfg.train),
-               state=s["state"], train_step=s["train_step"], make_stream=s["make_stream"],
-               evaluate=s["evaluator"], mesh=s["mesh"], writer=MetricWriter(str(tmp_path)),
+               state=run.state, train_step=run.train_step, make_stream=run.make_stream,
+               evaluate=run.evaluator, mesh=run.mesh, writer=MetricWriter(str(tmp_path)),
                hooks=[record], state_hooks=[hook], final_split="")
     sched = hook.schedule
     for step in range(1, 13):
@@ -276,7 +276,7 @@ def test_gradual_pruning_in_training_reaches_each_target(tmp_path):
         want = 0.0 if last_event is None else sched.sparsity_at(last_event)
         assert seen[step] == pytest.approx(want, abs=1e-4), step
     assert seen[12] == pytest.approx(0.75, abs=1e-4)
-    assert s["train_step"]._cache_size() == 1
+    assert run.train_step._cache_size() == 1
 
 
 def test_one_shot_at_step_zero_prunes_before_training(tmp_path):

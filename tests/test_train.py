@@ -3,6 +3,7 @@ config validation, compile-once."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -75,11 +76,14 @@ def test_rerun_resumes_instead_of_restarting(reference_run):
 
 def test_two_processes_agree_with_one(reference_run, tmp_path):
     workdir = str(tmp_path / "two")
-    env = subprocess_env(JAXMED_PORT=str(21000 + os.getpid() % 20000))
+    env = subprocess_env(JAXMED_PORT=str(21000 + os.getpid() % 20000), PYTHON=sys.executable)
     proc = subprocess.run(["bash", "launch/multiprocess_local.sh", "2", "4", CLI[2],
                            f"--workdir={workdir}"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
+    # Two processes really ran, each with 4 of the 8 devices, each reading half the batch.
+    for i in (0, 1):
+        assert f"process {i}/2: 4 of 8 devices, 8 rows of each global batch of 16" in proc.stdout
     got, _ = final_params(workdir)
     want, _ = final_params(reference_run)
     for a, b in zip(jax.tree.leaves(got["params"]), jax.tree.leaves(want["params"])):
@@ -91,19 +95,23 @@ def test_two_processes_agree_with_one(reference_run, tmp_path):
 
 
 def test_eight_devices_match_one_device(tmp_path):
+    """A whole jitted train step (loss, gradients, Adam update, BN statistics) on 8 devices,
+    each holding an eighth of the batch, equals the step on one device."""
     out = tmp_path / "grads.npz"
     run_python(["tests/scripts/sharded_grads.py", str(out)], devices=8)
     r = np.load(out)
     assert r["devices"] == 8
+    assert int(r["shard_devices_8"]) == 8 and r["shard_rows_8"].tolist() == [2] * 8
+    assert r["shard_rows_1"].tolist() == [16]
     np.testing.assert_allclose(r["loss_8"], r["loss_1"], rtol=1e-5)
-    keys = [k[:-2] for k in r.files if k.startswith("g/") and k.endswith("_8")]
-    assert len(keys) > 10
+    np.testing.assert_allclose(r["grad_norm_8"], r["grad_norm_1"], rtol=1e-5)
+    keys = [k[:-2] for k in r.files if k.startswith("p/") and k.endswith("_8")]
+    assert len(keys) > 10 and any("/bn/" in k for k in keys)
     for k in keys:
-        # rtol 1e-5 relative to each tensor's scale: the sharded all-reduce sums in another
-        # order, so single entries that nearly cancel differ by float32 rounding (~1e-7 abs).
-        g8, g1 = r[k + "_8"], r[k + "_1"]
-        assert np.linalg.norm(g8 - g1) <= 1e-5 * np.linalg.norm(g1), k
-        np.testing.assert_allclose(g8, g1, rtol=1e-5, atol=1e-5 * np.abs(g1).max())
+        # relative to each tensor's scale: the sharded all-reduce sums in another order, so
+        # single entries differ by float32 rounding.
+        p8, p1 = r[k + "_8"], r[k + "_1"]
+        assert np.linalg.norm(p8 - p1) <= 1e-5 * np.linalg.norm(p1), k
 
 
 @pytest.mark.parametrize("args, key", [
@@ -123,10 +131,10 @@ def test_unknown_config_key_is_named(tmp_path, args, key):
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     cfg = tiny.get_config()
-    s = supervised.setup(cfg, str(tmp_path_factory.mktemp("setup")))
-    s["initial"] = jax.device_get(s["state"])
-    s["config"] = cfg
-    return s
+    run = supervised.build_run(cfg)
+    return {"run": run, "initial": jax.device_get(run.state), "config": cfg,
+            "mesh": run.mesh, "train_step": run.train_step, "make_stream": run.make_stream,
+            "evaluator": run.evaluator}
 
 
 def fresh_state(s):
@@ -175,3 +183,122 @@ def test_multilabel_run_reports_map_and_auc(tmp_path):
     result = supervised.train_and_evaluate(cfg, str(tmp_path))
     assert {"test/map", "test/auc", "test/f1"} <= set(result)
     assert 0.0 <= result["test/map"] <= 1.0
+
+
+@pytest.mark.parametrize("mode, values, best", [
+    ("min", [0.9, 0.3, 0.5, 0.7, 0.4, 0.8], 4),   # lowest val/loss at the 2nd evaluation
+    ("max", [0.2, 0.6, 0.9, 0.1, 0.9, 0.3], 6),   # highest val/auc at the 3rd (a tie later)
+])
+def test_early_stopping_keeps_and_tests_the_best_checkpoint(tiny_setup, tmp_path, mode,
+                                                            values, best):
+    """Scripted validation values: the best evaluation's checkpoint survives `keep=1`, the
+    final test evaluation runs on exactly that state (not the last, not the worst), and a
+    later workdir load (`pretrained=workdir`) gets the same weights."""
+    from jaxmed.train import build
+
+    s = tiny_setup
+    script = iter(values)
+    tested = {}
+
+    def evaluate(state, split):
+        if split == "test":
+            tested["step"] = int(jax.device_get(state.step))
+            tested["params"] = jax.device_get(state.params)
+            return {"accuracy": 0.5}
+        return {"metric": next(script)}
+
+    cfg = s["config"]
+    settings = LoopSettings.from_config(cfg.train)
+    settings.eval_every, settings.checkpoint_every, settings.keep_checkpoints = 2, 5, 1
+    settings.early_stop_metric, settings.early_stop_mode = "val/metric", mode
+    writer = MetricWriter(str(tmp_path))
+    train_loop(workdir=str(tmp_path), settings=settings, state=fresh_state(s),
+               train_step=s["train_step"], make_stream=s["make_stream"], evaluate=evaluate,
+               mesh=s["mesh"], writer=writer)
+    writer.close()
+    assert tested["step"] == best
+    ck = Checkpointer(os.path.join(tmp_path, "checkpoints"), keep=0)
+    assert ck.best_step() == best and best in ck.all_steps() and 12 in ck.all_steps()
+    saved, _ = ck.restore_raw(best)
+    ck.close()
+    for a, b in zip(jax.tree.leaves(saved["params"]), jax.tree.leaves(tested["params"])):
+        np.testing.assert_array_equal(a, b)
+    loaded = build.load_workdir_variables(str(tmp_path))
+    for a, b in zip(jax.tree.leaves(loaded["params"]), jax.tree.leaves(tested["params"])):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("poison", ["loss", "params"])
+def test_nan_guard_when_log_every_does_not_divide_checkpoint_every(tiny_setup, tmp_path, poison):
+    """log_every=3, checkpoint_every=4: a NaN at step 7 (in the loss, or in the weights after
+    an update whose loss was still finite) is caught before the step-8 checkpoint is written."""
+    s = tiny_setup
+    real = s["train_step"]
+
+    def poisoned(state, batch):
+        state, m = real(state, batch)
+        if poison == "loss":
+            return state, {**m, "loss": jnp.where(state.step == 7, jnp.nan, m["loss"])}
+        bad = jax.tree.map(lambda p: jnp.where(state.step == 7, jnp.nan, p), state.params)
+        state = state.replace(params=bad)
+        return state, {**m, "param_norm": jnp.where(state.step == 7, jnp.nan,
+                                                    m["param_norm"])}
+
+    settings = LoopSettings.from_config(s["config"].train)
+    settings.log_every, settings.checkpoint_every = 3, 4
+    key = "loss" if poison == "loss" else "param_norm"
+    with pytest.raises(NonFiniteLossError, match=rf"train/{key} is nan at step 7.*step 4"):
+        train_loop(workdir=str(tmp_path), settings=settings, state=fresh_state(s),
+                   train_step=poisoned, make_stream=s["make_stream"], evaluate=s["evaluator"],
+                   mesh=s["mesh"], writer=MetricWriter(str(tmp_path)))
+    ck = Checkpointer(os.path.join(tmp_path, "checkpoints"), keep=0)
+    assert ck.all_steps() == [4]
+    state, _ = ck.restore_raw()
+    ck.close()
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+
+
+def test_train_step_reports_the_norm_of_the_updated_params(tiny_setup):
+    """The guard's param_norm is the norm of the weights the step produced (a NaN weight
+    shows there even when the loss, computed before the update, is finite)."""
+    s = tiny_setup
+    state = fresh_state(s)
+    batch = sharding.to_global(next(s["make_stream"]()), s["mesh"])
+    new, m = s["train_step"](state, batch)
+    want = np.sqrt(sum(float(np.sum(np.square(x))) for x in
+                       jax.tree.leaves(jax.device_get(new.params))))
+    assert float(m["param_norm"]) == pytest.approx(want, rel=1e-5)
+
+
+def test_sigkill_mid_pruning_schedule_with_grain_workers_resumes_bitwise(tmp_path):
+    """Gradual pruning (events at steps 2, 4, ..., 10) with 2 grain worker processes: killed at
+    step 6 after the step-4 checkpoint, the resumed run ends with the same weights, masks and
+    BN statistics as an uninterrupted run (masks and data position come from the checkpoint)."""
+    cli = ["-m", "jaxmed.main", "--config=tests/configs/tiny.py:pruned_workers"]
+    ref = str(tmp_path / "ref")
+    run_python([*cli, f"--workdir={ref}"])
+    workdir = str(tmp_path / "killed")
+    # Its own session: the grain workers the SIGKILL orphans are killed with the group
+    # afterwards (they would otherwise hold the output pipes open).
+    proc = subprocess.Popen([sys.executable, "tests/scripts/train_then_kill.py", workdir, "4",
+                             "6", "pruned_workers"], cwd=REPO, env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        assert proc.wait(timeout=300) == -9
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert Checkpointer(os.path.join(workdir, "checkpoints"), keep=0).latest_step() == 4
+    resumed = run_python([*cli, f"--workdir={workdir}"])
+    assert "resuming from checkpoint step 4" in resumed.stdout
+    got, _ = final_params(workdir)
+    want, _ = final_params(ref)
+    assert int(got["step"]) == int(want["step"]) == 12
+    masks = [m for m in jax.tree.leaves(got["masks"]) if m.dtype == bool]
+    assert masks and 0.7 < 1 - sum(m.sum() for m in masks) / sum(m.size for m in masks) < 0.8
+    for part in ("params", "masks", "batch_stats"):
+        for a, b in zip(jax.tree.leaves(got[part]), jax.tree.leaves(want[part]), strict=True):
+            np.testing.assert_array_equal(a, b)

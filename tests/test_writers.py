@@ -1,65 +1,53 @@
-"""metrics.jsonl and TensorBoard event files (written without TensorFlow)."""
+"""metrics.jsonl and TensorBoard event files, read back with tensorboard's own reader."""
 
 import json
-import struct
+import math
 
-from jaxmed.train.writers import (MetricWriter, crc32c, read_metrics, read_tfrecords)
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-
-def test_crc32c_known_vector():
-    assert crc32c(b"123456789") == 0xE3069283  # the Castagnoli check value
-
-
-def _scalars(record: bytes) -> dict:
-    """Minimal independent protobuf walk of Event.summary.value (tag, simple_value)."""
-    def fields(buf):
-        i = 0
-        while i < len(buf):
-            key, i = _varint(buf, i)
-            num, wire = key >> 3, key & 7
-            if wire == 0:
-                val, i = _varint(buf, i)
-            elif wire == 1:
-                val, i = buf[i:i + 8], i + 8
-            elif wire == 5:
-                val, i = buf[i:i + 4], i + 4
-            else:
-                n, i = _varint(buf, i)
-                val, i = buf[i:i + n], i + n
-            yield num, val
-    out = {}
-    for num, summary in fields(record):
-        if num == 5:
-            for _, value in fields(summary):
-                f = dict(fields(value))
-                out[f[1].decode()] = struct.unpack("<f", f[2])[0]
-    return out
+from jaxmed.train.writers import MetricWriter, read_metrics
 
 
-def _varint(buf, i):
-    shift = result = 0
-    while True:
-        b = buf[i]
-        i += 1
-        result |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return result, i
+def tensorboard_scalars(logdir: str) -> dict[str, dict[int, float]]:
+    acc = EventAccumulator(logdir, size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
-def test_jsonl_and_events_round_trip(tmp_path):
+def test_jsonl_and_tensorboard_hold_the_same_scalars(tmp_path):
     w = MetricWriter(str(tmp_path))
-    w.write(10, {"train/loss": 0.5, "train/accuracy": 0.75})
+    w.write(10, {"train/loss": 0.5, "train/accuracy": np.float32(0.75), "note": "skipped"})
     w.write(20, {"val/auc": 0.875, "val/loss": float("nan")})
     w.close()
     lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert lines[0] == {"step": 10, "train/loss": 0.5, "train/accuracy": 0.75}
-    assert lines[1]["val/loss"] == "nan"
-    (event_file,) = (tmp_path / "tensorboard").iterdir()
-    records = read_tfrecords(str(event_file))
-    assert b"brain.Event:2" in records[0]
-    assert _scalars(records[1]) == {"train/loss": 0.5, "train/accuracy": 0.75}
-    assert _scalars(records[2])["val/auc"] == 0.875
+    assert lines[1] == {"step": 20, "val/auc": 0.875, "val/loss": "nan"}
+    tb = tensorboard_scalars(str(tmp_path / "tensorboard"))
+    assert set(tb) == {"train/loss", "train/accuracy", "val/auc", "val/loss"}
+    assert tb["train/loss"] == {10: 0.5} and tb["train/accuracy"] == {10: 0.75}
+    assert tb["val/auc"] == {20: 0.875} and math.isnan(tb["val/loss"][20])
+
+
+def test_training_run_tensorboard_matches_metrics_jsonl(tmp_path):
+    """A real (tiny) run: every finite scalar of metrics.jsonl is in the event files, at its
+    step, with its value (float32 precision)."""
+    from jaxmed.methods import supervised
+    from tests.configs import tiny
+
+    cfg = tiny.get_config()
+    cfg.train.steps, cfg.train.epochs, cfg.train.log_every = 4, 0, 2
+    supervised.train_and_evaluate(cfg, str(tmp_path))
+    jsonl = read_metrics(str(tmp_path / "metrics.jsonl"))
+    tb = tensorboard_scalars(str(tmp_path / "tensorboard"))
+    checked = 0
+    for step, values in jsonl.items():
+        for k, v in values.items():
+            if isinstance(v, float) and math.isfinite(v):
+                assert tb[k][step] == pytest.approx(v, rel=1e-6, abs=1e-7), (k, step)
+                checked += 1
+    assert checked >= 6 and "train/loss" in tb and "test/accuracy" in tb
 
 
 def test_resumed_writer_appends_and_reader_keeps_latest(tmp_path):
@@ -69,3 +57,4 @@ def test_resumed_writer_appends_and_reader_keeps_latest(tmp_path):
         w.close()
     assert len(open(tmp_path / "metrics.jsonl").readlines()) == 2
     assert read_metrics(str(tmp_path / "metrics.jsonl"))[5]["train/loss"] == 2.0
+    assert tensorboard_scalars(str(tmp_path / "tensorboard"))["train/loss"][5] in (1.0, 2.0)

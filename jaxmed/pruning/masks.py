@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,15 +116,6 @@ def stack(masks: list[Mask]) -> Mask:
 def unstack(stacked: Mask, n: int) -> list[Mask]:
     return [jax.tree.map(lambda m, i=i: None if m is None else m[i], stacked, is_leaf=_is_none)
             for i in range(n)]
-
-
-def to_numpy(masks: Mask) -> Mask:
-    return jax.tree.map(lambda m: None if m is None else np.asarray(m), masks, is_leaf=_is_none)
-
-
-def flatten(masks: Mask) -> dict[str, Any]:
-    return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(
-        masks, keep_empty_nodes=False).items() if v is not None} if isinstance(masks, dict) else {}
 
 
 # ------------------------------------------------------------------ optax transformation

@@ -7,15 +7,18 @@ number of levels or models.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxmed.data import augment
 from jaxmed.pruning import criteria
 from jaxmed.pruning.masks import apply_masks
+
+PRUNE_TYPES = ("l1", "random")
 
 
 def scores_for(kind: str, params, rng=None, predicate=criteria.default_predicate):
@@ -39,8 +42,11 @@ def build_masked_params(params, scores, counts):
 
 
 def make_forward(model, *, multi_label: bool, compute_dtype=jnp.float32,
-                 level_axis: str = "map") -> Callable:
+                 level_axis: str = "map", mesh=None) -> Callable:
     """(stacked params, batch_stats, uint8 images) -> probabilities [levels, batch, classes].
+
+    With a `mesh` (1-D, axis 'data'), the program is compiled for images sharded over its
+    devices and replicated params, and its output stays sharded on the batch axis.
 
     level_axis 'vmap' batches the levels into grouped convolutions; 'map' runs them one after
     another inside the same compiled program (lax.map), each a dense forward over the batch.
@@ -57,7 +63,11 @@ def make_forward(model, *, multi_label: bool, compute_dtype=jnp.float32,
         x = augment.normalize(images, dtype=compute_dtype)
         return over_stack(lambda p: one(p, batch_stats, x), stacked, level_axis)
 
-    return jax.jit(forward)
+    if mesh is None:
+        return jax.jit(forward)
+    repl, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    return jax.jit(forward, in_shardings=(repl, repl, rows),
+                   out_shardings=NamedSharding(mesh, P(None, "data")))
 
 
 def check_axis(axis: str, key: str) -> None:
@@ -73,9 +83,11 @@ def over_stack(fn: Callable, stacked, axis: str):
 
 
 def sweep(forward: Callable, variables: dict, scores, sparsities: Sequence[float],
-          batches: Callable[[], Iterable[dict]], *, chunk: int) -> np.ndarray:
-    """Predictions [len(sparsities), N, C] over every valid sample of `batches()` (in the order
-    given; padded rows dropped). Levels are processed `chunk` at a time (memory)."""
+          predict_levels: Callable[[Callable], np.ndarray], *, chunk: int) -> np.ndarray:
+    """Predictions [len(sparsities), N, C]. Levels are processed `chunk` at a time (memory):
+    for each chunk, `predict_levels(fn)` runs `fn(images) -> [chunk, batch, C]` over the whole
+    evaluation set and returns [chunk, N, C] on the host. The caller owns batching, device
+    placement and the single fetch per pass (`jaxmed.train.evaluate.predict` in PruneCXR)."""
     n = criteria.num_scored(scores)
     counts = [criteria.prune_count(s, n) for s in sparsities]
     pad = (-len(counts)) % chunk
@@ -84,12 +96,7 @@ def sweep(forward: Callable, variables: dict, scores, sparsities: Sequence[float
     for start in range(0, len(padded), chunk):
         stacked = build_masked_params(variables["params"], scores,
                                       jnp.asarray(padded[start:start + chunk], jnp.int32))
-        preds, valid = [], []
-        for b in batches():  # dispatch every batch, then fetch once: no per-batch host sync
-            preds.append(forward(stacked, variables["batch_stats"], b["image"]))
-            valid.append(np.asarray(b["valid"], bool))
-        out.append(np.concatenate([p[:, v] for p, v in zip(jax.device_get(preds), valid)],
-                                  axis=1))
+        out.append(np.asarray(predict_levels(
+            lambda images, stacked=stacked: forward(stacked, variables["batch_stats"], images))))
         del stacked
     return np.concatenate(out, axis=0)[:len(counts)]
-

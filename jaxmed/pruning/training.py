@@ -7,6 +7,7 @@ kept at zero by `masked_optimizer`.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -29,8 +30,28 @@ def default_config() -> ml_collections.ConfigDict:
     ))
 
 
+def initial_masks(params):
+    """All-True masks: they exist from the first step so the train step compiles once."""
+    return build_masks(params)
+
+
+@functools.partial(jax.jit, static_argnames=("criterion", "scope"))
+def recompute_masks(params, masks, counts, rng, *, criterion: str, scope: str):
+    """Masks pruning `counts` weights (one int for a global scope, a pytree per layer) by
+    `criterion`; weights already pruned score below everything, so they stay pruned."""
+    if criterion == "magnitude":
+        scores = criteria.magnitude_scores(apply_masks(params, masks))
+    else:
+        scores = criteria.random_scores(params, rng)
+    scores = jax.tree.map(lambda s, m: None if s is None else jnp.where(m, s, -1.0),
+                          scores, masks, is_leaf=_is_none)
+    return criteria.masks_at_counts(scores, counts, scope)
+
+
 class ScheduledPruning:
-    """state_hook(step, state) -> state for `train_loop`."""
+    """state_hook(step, state) -> state for `train_loop`: at the schedule's events, new masks
+    from `recompute_masks` (a module-level jitted function; this object only holds the
+    schedule and the writer)."""
 
     def __init__(self, cfg, writer=None):
         if cfg.criterion not in ("magnitude", "random"):
@@ -41,32 +62,20 @@ class ScheduledPruning:
         if cfg.distribution not in ("uniform", "erk"):
             raise ValueError(f"config.pruning.distribution={cfg.distribution!r}: use uniform / "
                              "erk")
-        self.cfg, self.writer = cfg, writer
+        self.criterion, self.scope, self.distribution = cfg.criterion, cfg.scope, cfg.distribution
+        self.seed, self.writer = cfg.seed, writer
         self.schedule = schedules.make_schedule(cfg.schedule, target=cfg.target,
                                                 start=cfg.start_step, end=cfg.end_step,
                                                 frequency=cfg.frequency, initial=cfg.initial)
-        self._compute = jax.jit(self._masks)
 
-    @staticmethod
-    def initial_masks(params):
-        return build_masks(params)
-
-    def _masks(self, params, masks, counts, rng):
-        if self.cfg.criterion == "magnitude":
-            scores = criteria.magnitude_scores(apply_masks(params, masks))
-        else:
-            scores = criteria.random_scores(params, rng)
-        # Weights already pruned score below everything: they stay pruned.
-        scores = jax.tree.map(lambda s, m: None if s is None else jnp.where(m, s, -1.0),
-                              scores, masks, is_leaf=_is_none)
-        return criteria.masks_at_counts(scores, counts, self.cfg.scope)
+    initial_masks = staticmethod(initial_masks)
 
     def counts(self, params, target: float):
         """Weights to prune at `target` (host ints, so the jitted step never recompiles)."""
         scoped = criteria.select(params)
-        if self.cfg.scope == "global":
+        if self.scope == "global":
             return jnp.int32(criteria.prune_count(target, criteria.num_scored(scoped)))
-        dist = (criteria.erk_distribution if self.cfg.distribution == "erk"
+        dist = (criteria.erk_distribution if self.distribution == "erk"
                 else criteria.uniform_distribution)
         return jax.tree.map(lambda k: None if k is None else jnp.int32(k),
                             criteria.layer_counts(scoped, dist(params, target)), is_leaf=_is_none)
@@ -75,13 +84,12 @@ class ScheduledPruning:
         target = self.schedule(step)
         if target is None:
             return state
-        rng = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), step)
-        masks = self._compute(state.params, state.masks, self.counts(state.params, target), rng)
+        rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), step)
+        masks = recompute_masks(state.params, state.masks, self.counts(state.params, target),
+                                rng, criterion=self.criterion, scope=self.scope)
         state = state.replace(masks=masks, params=apply_masks(state.params, masks))
         achieved = sparsity(jax.device_get(masks))
         log.info("step %d: pruned to sparsity %.4f (target %.4f)", step, achieved, target)
         if self.writer is not None:
             self.writer.write(step, {"train/sparsity": achieved})
         return state
-
-

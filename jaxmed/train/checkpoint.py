@@ -2,6 +2,12 @@
 and a JSON item (config + loop bookkeeping). All orbax usage lives here, so moving to orbax v1
 touches one file.
 
+The best checkpoint (model selection on a validation metric) lives in the same manager: the
+loop passes `metrics={"improvement": k, <metric>: value}` when a save sets a new best, and
+orbax's preservation policy keeps the checkpoint with the highest `improvement` beside the
+latest `keep` ones (`best=True`). Which step that is, is also in every checkpoint's meta
+(`loop.best_step`), so a reader needs no policy to find it.
+
 Saves are async (the device->host copy happens before `save` returns, so the state can be
 donated right after); `wait()` before reading a checkpoint back or exiting. Only committed
 checkpoints are ever listed or restored: a crash mid-save leaves the previous ones intact.
@@ -17,10 +23,22 @@ import jax
 import orbax.checkpoint as ocp
 
 
+def _improvement(metrics) -> float:
+    return float(metrics["improvement"])
+
+
 class Checkpointer:
-    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, *, keep: int = 3, best: bool = False,
+                 async_save: bool = True):
         self.directory = os.path.abspath(directory)
-        policy = ocp.checkpoint_managers.LatestN(n=keep) if keep else None
+        policies = []
+        if keep:
+            policies.append(ocp.checkpoint_managers.LatestN(n=keep))
+        if best:
+            policies.append(ocp.checkpoint_managers.BestN(
+                get_metric_fn=_improvement, n=1, keep_checkpoints_without_metrics=False))
+        policy = (None if not policies else policies[0] if len(policies) == 1
+                  else ocp.checkpoint_managers.AnyPreservationPolicy(policies))
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policy, enable_async_checkpointing=async_save,
             create=True, cleanup_tmp_directories=True)
@@ -37,14 +55,16 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, *, data_iterator: Any = None,
-             meta: dict | None = None) -> None:
+             meta: dict | None = None, metrics: dict | None = None) -> None:
+        """Save (async). `metrics` with an `improvement` key marks a new best (see above)."""
         if int(step) in self.manager.all_steps():
             return  # already saved (a resumed run reaching a step it had checkpointed)
         items = {"state": ocp.args.StandardSave(state),
                  "meta": ocp.args.JsonSave(meta or {})}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+        self.manager.save(int(step), args=ocp.args.Composite(**items), force=True,
+                          metrics=metrics)
 
     def restore(self, step: int | None, abstract_state: Any, *, data_iterator: Any = None
                 ) -> tuple[Any, dict]:
@@ -58,6 +78,23 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(int(step), args=ocp.args.Composite(**items))
         return restored["state"], dict(restored["meta"] or {})
+
+    def meta(self, step: int | None = None) -> dict:
+        """The JSON item (config, loop bookkeeping) of a checkpoint, without the state."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        restored = self.manager.restore(int(step), args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))
+        return dict(restored["meta"] or {})
+
+    def best_step(self) -> int | None:
+        """The step model selection chose (from the latest checkpoint's bookkeeping), if any
+        and still on disk."""
+        if self.latest_step() is None:
+            return None
+        step = self.meta().get("loop", {}).get("best_step")
+        return step if step is not None and step in self.all_steps() else None
 
     def restore_raw(self, step: int | None = None) -> tuple[dict, dict]:
         """The saved state as nested dicts of numpy arrays, readable on any device layout (no

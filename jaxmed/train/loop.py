@@ -31,7 +31,7 @@ from jaxmed.train.writers import MetricWriter
 
 log = logging.getLogger(__name__)
 
-GUARDED = ("loss", "grad_norm")
+GUARDED = ("loss", "grad_norm", "param_norm")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -77,16 +77,14 @@ def train_loop(*, workdir: str, settings: LoopSettings, state: Any, train_step: 
     state) -> state run with step = completed steps: at 0 before a fresh run's first step, then
     after every step (pruning schedules: an event 'at step s' acts before training step s + 1);
     hooks(step, state) observe only."""
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=settings.keep_checkpoints)
-    best_ckpt = None
-    if settings.early_stop_metric:
-        best_ckpt = Checkpointer(os.path.join(workdir, "checkpoints_best"), keep=1)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=settings.keep_checkpoints,
+                        best=bool(settings.early_stop_metric))
     stream = make_stream()
     spe = stream.steps_per_epoch
     total = settings.steps if settings.steps > 0 else settings.epochs * spe
     total = min(total, stream.num_epochs * spe)
     book = {"best_value": None, "best_step": None, "bad_evals": 0, "stopped_early": False,
-            "last_eval_step": None}
+            "last_eval_step": None, "improvements": 0}
     latest = ckpt.latest_step()
     if latest is not None:
         state, saved = ckpt.restore(latest, state, data_iterator=stream.iterator)
@@ -127,16 +125,24 @@ def train_loop(*, workdir: str, settings: LoopSettings, state: Any, train_step: 
         bar.set_postfix({k.split("/")[1]: f"{v:.4g}" for k, v in means.items()}, refresh=False)
         pending, last_log = [], (now, step)
 
-    def save():
+    def save(metrics=None):
         flush()
-        ckpt.save(step, state, data_iterator=stream.iterator, meta={**meta, "loop": book})
+        ckpt.save(step, state, data_iterator=stream.iterator, meta={**meta, "loop": book},
+                  metrics=metrics)
 
     if step == 0:  # (a resumed state already holds the hooks' effects up to its step)
         for transform in state_hooks:
             state = transform(0, state)
     stop = bool(book["stopped_early"])
+    first = True
     while step < total and not stop:
         batch = next(stream)
+        if first:  # what this process feeds (multi-host runs: its own share of every batch)
+            rows = len(jax.tree.leaves(batch)[0])
+            print(f"process {jax.process_index()}/{jax.process_count()}: "
+                  f"{jax.local_device_count()} of {jax.device_count()} devices, {rows} rows of "
+                  f"each global batch of {global_batch or '?'}", flush=True)
+            first = False
         state, metrics = train_step(state, sharding.to_global(batch, mesh))
         step += 1
         bar.update(1)
@@ -145,12 +151,13 @@ def train_loop(*, workdir: str, settings: LoopSettings, state: Any, train_step: 
             state = transform(step, state)
         if step % settings.log_every == 0:
             flush()
+        best = None
         if (eval_every > 0 and step % eval_every == 0) or step == total:
             flush()
-            stop = _evaluate_and_select(state, step, evaluate, eval_splits, writer, settings,
-                                        book, best_ckpt)
-        if step % ckpt_every == 0 or stop or step == total:
-            save()
+            stop, best = _evaluate_and_select(state, step, evaluate, eval_splits, writer,
+                                              settings, book)
+        if best is not None or step % ckpt_every == 0 or stop or step == total:
+            save(best)
         for hook in hooks:
             hook(step, state)
     flush()
@@ -158,24 +165,21 @@ def train_loop(*, workdir: str, settings: LoopSettings, state: Any, train_step: 
     if ckpt.latest_step() != step:
         save()
     ckpt.wait()
-    if best_ckpt is not None:
-        best_ckpt.wait()
-        if best_ckpt.latest_step() is not None:
-            state, _ = best_ckpt.restore(None, state)
-            log.info("final evaluation with the best checkpoint (step %s)", book["best_step"])
+    if settings.early_stop_metric and book["best_step"] is not None:
+        state, _ = ckpt.restore(book["best_step"], state)
+        log.info("final evaluation with the best checkpoint (step %s)", book["best_step"])
     final = {}
     if final_split:
         final = evaluate(state, final_split)
         writer.write(step, {f"{final_split}/{k}": v for k, v in final.items()})
     ckpt.close()
-    if best_ckpt is not None:
-        best_ckpt.close()
     return state, final
 
 
-def _evaluate_and_select(state, step, evaluate, splits, writer, settings, book, best_ckpt
-                         ) -> bool:
-    """Evaluate on each split; update the best checkpoint; True if early stopping triggers."""
+def _evaluate_and_select(state, step, evaluate, splits, writer, settings, book
+                         ) -> tuple[bool, dict | None]:
+    """Evaluate on each split and update the bookkeeping. Returns (early stopping triggers,
+    the checkpoint metrics marking this step as the new best, or None)."""
     results = {}
     for split in splits:
         results.update({f"{split}/{k}": v for k, v in evaluate(state, split).items()})
@@ -183,19 +187,19 @@ def _evaluate_and_select(state, step, evaluate, splits, writer, settings, book, 
     book["last_eval_step"] = step
     key = settings.early_stop_metric
     if not key:
-        return False
+        return False, None
     if key not in results:
         raise KeyError(f"early_stop_metric {key!r} is not among the evaluation metrics "
                        f"{sorted(results)}")
     value = float(results[key])
     if _better(value, book["best_value"], settings.early_stop_mode):
-        book.update(best_value=value, best_step=step, bad_evals=0)
-        best_ckpt.save(step, state, meta={"best_value": value, "metric": key})
-        return False
+        book.update(best_value=value, best_step=step, bad_evals=0,
+                    improvements=book.get("improvements", 0) + 1)
+        return False, {"improvement": book["improvements"], key: value}
     book["bad_evals"] += 1
     if settings.patience and book["bad_evals"] >= settings.patience:
         book["stopped_early"] = True
         log.info("early stop at step %d: %s did not improve for %d evaluations", step, key,
                  settings.patience)
-        return True
-    return False
+        return True, None
+    return False, None

@@ -15,7 +15,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
 def make_mesh(devices: list | None = None) -> Mesh:
-    devices = jax.devices() if devices is None else devices
+    """A 1-D `data` mesh over every device of every process (or the given ones)."""
+    if devices is None:
+        # Auto axes: shardings are propagated by XLA (jax >= 0.7 defaults to Explicit).
+        return jax.make_mesh((jax.device_count(),), ("data",),
+                             axis_types=(jax.sharding.AxisType.Auto,))
     return Mesh(np.asarray(devices), ("data",))
 
 
@@ -27,10 +31,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def check_global_batch(global_batch: int, mesh: Mesh) -> None:
-    if global_batch % mesh.devices.size:
-        raise ValueError(f"global batch {global_batch} is not a multiple of the "
-                         f"{mesh.devices.size} devices")
+def check_global_batch(global_batch: int, mesh: Mesh, key: str = "batch_size") -> None:
+    """A global batch must split evenly over the devices; the error names the config key."""
+    if global_batch <= 0 or global_batch % mesh.devices.size:
+        raise ValueError(f"config.train.{key}={global_batch}: the global batch must be a "
+                         f"positive multiple of the {mesh.devices.size} devices")
 
 
 def to_global(batch: Any, mesh: Mesh) -> Any:

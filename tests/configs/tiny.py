@@ -19,6 +19,12 @@ def get_config(arg: str = ""):
     c.train.log_every = 2
     c.train.checkpoint_every = 4
     c.train.progress = False
+    if arg == "pruned_workers":  # gradual pruning mid-schedule + grain worker processes
+        c.pruning.criterion, c.pruning.schedule = "magnitude", "gradual"
+        c.pruning.target, c.pruning.start_step, c.pruning.end_step = 0.75, 2, 10
+        c.pruning.frequency = 2
+        c.data.num_workers = 2
+        c.data.train_augment = "flip"
     if arg == "multilabel":
         c.data.synthetic.multi_label = True
         c.data.synthetic.num_classes = 5

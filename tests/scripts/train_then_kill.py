@@ -1,7 +1,7 @@
 """Train the tiny config and SIGKILL this process at step KILL_AT, once the checkpoint of step
 WAIT_FOR has committed (so the kill lands after a checkpoint, mid-way through later steps).
 
-    python tests/scripts/train_then_kill.py WORKDIR WAIT_FOR KILL_AT
+    python tests/scripts/train_then_kill.py WORKDIR WAIT_FOR KILL_AT [TINY_VARIANT]
 """
 
 import os
@@ -15,6 +15,7 @@ from jaxmed.methods import supervised  # noqa: E402
 from tests.configs import tiny  # noqa: E402
 
 workdir, wait_for, kill_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+variant = sys.argv[4] if len(sys.argv) > 4 else ""
 
 
 def kill_hook(step, state):
@@ -27,4 +28,5 @@ def kill_hook(step, state):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-supervised.train_and_evaluate(tiny.get_config(), workdir, hooks=[kill_hook])
+if __name__ == "__main__":
+    supervised.train_and_evaluate(tiny.get_config(variant), workdir, hooks=[kill_hook])

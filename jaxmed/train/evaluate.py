@@ -1,0 +1,88 @@
+"""The one evaluator: every batch sharded over all devices of all processes, outputs fetched to
+the host once per pass, padding removed, samples ordered by their stable index.
+
+`predict` runs any jitted function of a global batch (an eval step, a sweep over pruning levels,
+all of a continual learner's subnetworks); `Evaluator` adds the classification metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import chex
+import numpy as np
+
+from jaxmed import metrics
+from jaxmed.data.pipeline import Preprocess, eval_batches
+from jaxmed.train import sharding
+
+
+def predict(fn: Callable[[dict], Any], batches: Iterable[dict], mesh, *, sample_axis: int = 0,
+            keys: tuple[str, ...] = ("index",)) -> dict[str, np.ndarray]:
+    """Outputs of `fn(global_batch)` over every valid sample of `batches`, sorted by index.
+
+    `batches` yields this process's host-local rows (as `eval_batches` does); each becomes a
+    global array sharded on the mesh's `data` axis. `fn` returns a dict of arrays whose
+    `sample_axis` runs over the batch; the batch's own `keys` (index, label, attrs...) are
+    returned beside them. Nothing is fetched until the pass is over: one device-to-host
+    transfer (an all-gather across processes) per pass."""
+    outs = []
+    for b in batches:
+        g = sharding.to_global(b, mesh)
+        out = fn(g)
+        chex.assert_axis_dimension(out[next(iter(out))], sample_axis, g["valid"].shape[0])
+        outs.append((out, g["valid"], {k: g[k] for k in keys}))
+    if not outs:
+        raise ValueError("predict: the split yielded no batch")
+    host = sharding.to_host(outs)
+    valid = np.concatenate([v for _, v, _ in host]).astype(bool)
+    result = {}
+    for k in host[0][0]:
+        cat = np.concatenate([o[k] for o, _, _ in host], axis=sample_axis)
+        result[k] = np.compress(valid, cat, axis=sample_axis)
+    for k in keys:
+        result[k] = _concat_rows([extra[k] for _, _, extra in host], valid)
+    if "index" in result:
+        order = np.argsort(result["index"], kind="stable")
+        result = {k: _take(v, order, sample_axis if k not in keys else 0)
+                  for k, v in result.items()}
+    return result
+
+
+def _concat_rows(parts, valid):
+    if isinstance(parts[0], dict):
+        return {k: _concat_rows([p[k] for p in parts], valid) for k in parts[0]}
+    return np.concatenate(parts)[valid]
+
+
+def _take(v, order, axis):
+    if isinstance(v, dict):
+        return {k: _take(x, order, axis) for k, x in v.items()}
+    return np.take(v, order, axis=axis)
+
+
+class Evaluator:
+    """evaluator(state, split) -> metrics of a jitted eval step over every sample of the split
+    exactly once (the step returns per-sample `probs` and `loss`)."""
+
+    def __init__(self, eval_step, splits: dict, *, batch_size: int, preprocess: Preprocess,
+                 mesh, multi_label: bool, num_workers: int = 0):
+        sharding.check_global_batch(batch_size, mesh, key="eval_batch_size")
+        self.eval_step, self.splits, self.batch_size = eval_step, splits, batch_size
+        self.preprocess, self.mesh, self.multi_label = preprocess, mesh, multi_label
+        self.num_workers = num_workers
+
+    def batches(self, split: str):
+        return eval_batches(self.splits[split], global_batch=self.batch_size,
+                            preprocess=self.preprocess, num_workers=self.num_workers)
+
+    def predict(self, state, split: str) -> dict[str, np.ndarray]:
+        """Per-sample outputs (probs, loss, label, index) of the split, sorted by index."""
+        return predict(lambda b: self.eval_step(state, b), self.batches(split), self.mesh)
+
+    def __call__(self, state, split: str) -> dict[str, float]:
+        out = self.predict(state, split)
+        fn = metrics.multi_label_metrics if self.multi_label else metrics.single_label_metrics
+        result = fn(out["probs"], out["label"])
+        result["loss"] = float(np.mean(out["loss"]))
+        return result

@@ -1,0 +1,159 @@
+"""What a run keeps in its workdir beside checkpoints: `config.json`, the history of accepted
+config changes, and the lock that keeps two runs out of one workdir.
+
+A workdir belongs to one experiment. On resume the new config is compared with the one the
+workdir holds; a key that changes the experiment stops the run before anything is written,
+listing each differing key with its old and new value. Keys that cannot change results may
+differ (`HARMLESS`), and so may `train.epochs` / `train.steps` when they grow under a schedule
+that does not depend on the run's length (`schedule='constant'`; a cosine schedule is stretched
+by its total). `--allow_config_change` resumes anyway: `config.json` keeps the original and
+`config_history.jsonl` records each accepted change with the time and host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import socket
+from typing import Any
+
+from jaxmed.train import sharding
+
+# Keys that change how a run is observed or scheduled on the machine, never what it computes.
+HARMLESS = ("train.progress", "train.log_every", "train.checkpoint_every",
+            "train.keep_checkpoints", "data.num_workers")
+LENGTH_KEYS = ("train.epochs", "train.steps")
+HISTORY = "config_history.jsonl"
+
+
+class ConfigChangedError(ValueError):
+    """The workdir holds another experiment's config."""
+
+
+class WorkdirLockedError(RuntimeError):
+    """Another live run holds the workdir."""
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _as_json(config) -> dict:
+    return json.loads(config.to_json())
+
+
+def effective_config(workdir: str) -> dict | None:
+    """The config the workdir's run is under: config.json, with the last accepted change."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        config = json.load(f)
+    hist = os.path.join(workdir, HISTORY)
+    if os.path.exists(hist):
+        with open(hist) as f:
+            lines = [json.loads(x) for x in f if x.strip()]
+        if lines:
+            config = lines[-1]["config"]
+    return config
+
+
+def config_changes(old: dict, new: dict, harmless: tuple[str, ...] = ()
+                   ) -> list[tuple[str, Any, Any]]:
+    """(key, old, new) for every key that differs and may change the experiment's results;
+    `harmless` adds a method's own keys that never do (e.g. PruneCXR's `stages`)."""
+    a, b = flatten(old), flatten(new)
+    changed = [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
+               if a.get(k, "<absent>") != b.get(k, "<absent>")]
+    constant = b.get("train.schedule", "constant") == "constant" and a.get(
+        "train.schedule", "constant") == "constant"
+
+    def matters(key, was, now):
+        if key in HARMLESS or key in harmless:
+            return False
+        if key in LENGTH_KEYS and constant and isinstance(was, int) and isinstance(now, int):
+            # a longer run of the same experiment (steps: only if it was step-driven already)
+            return not (now >= was and (was > 0 or key == "train.epochs"))
+        return True
+
+    return [c for c in changed if matters(*c)]
+
+
+def check_config(config, workdir: str, *, allow_changed: bool = False,
+                 harmless: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
+    """The changes (key, old, new) of `config` against the workdir's run that may change its
+    results; raises ConfigChangedError listing them unless `allow_changed`. Writes nothing."""
+    old = effective_config(workdir)
+    if old is None:
+        return []
+    changes = config_changes(old, _as_json(config), harmless)
+    if changes and not allow_changed:
+        listing = "\n".join(f"  {k}: {was!r} -> {now!r}" for k, was, now in changes)
+        raise ConfigChangedError(
+            f"{workdir} holds a run with another config; resuming would mix two experiments. "
+            f"Differing keys (workdir -> now):\n{listing}\nUse a new --workdir, or pass "
+            "--allow_config_change to resume anyway (the change is recorded in "
+            f"{HISTORY}).")
+    return changes
+
+
+def write_config(config, workdir: str, *, allow_changed: bool = False,
+                 harmless: tuple[str, ...] = ()) -> None:
+    """Write `workdir/config.json` for a new run; for a resumed run, check the config against
+    the workdir's (`check_config`) and never overwrite it: an accepted change goes to
+    `config_history.jsonl`. Lead process only."""
+    if not sharding.is_lead_process():
+        return
+    new = _as_json(config)
+    if effective_config(workdir) is None:
+        os.makedirs(workdir, exist_ok=True)
+        path = os.path.join(workdir, "config.json")
+        with open(path + ".tmp", "w") as f:
+            f.write(config.to_json(indent=2))
+        os.replace(path + ".tmp", path)
+        return
+    changes = check_config(config, workdir, allow_changed=allow_changed, harmless=harmless)
+    if not changes:
+        return
+    with open(os.path.join(workdir, HISTORY), "a") as f:
+        f.write(json.dumps({
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "host": socket.gethostname(),
+            "changes": [{"key": k, "old": was, "new": now} for k, was, now in changes],
+            "config": new}) + "\n")
+
+
+@contextlib.contextmanager
+def lock(workdir: str):
+    """Hold `workdir/.lock` for the run: an OS file lock (released by the kernel when the
+    process dies, so a killed run never blocks the next one) plus the holder's host and pid
+    for the message a second run gets."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with open(path) as f:
+                holder = f.read().strip() or "unknown"
+            raise WorkdirLockedError(
+                f"{workdir} is in use by another run ({holder}); wait for it to finish or use "
+                "another --workdir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                 "started": datetime.datetime.now().isoformat(
+                                     timespec="seconds")}).encode())
+        os.fsync(fd)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
