@@ -3,7 +3,9 @@ reference protocol in PyTorch (per level: a fresh copy of the model,
 `prune.global_unstructured(L1Unstructured)`, a full evaluation with sigmoid outputs), on the
 same device and the same device-resident synthetic test set. The PyTorch side is given its
 fastest evaluation (masks baked in with prune.remove, channels_last, cudnn.benchmark), faster
-than the reference's forward hooks.
+than the reference's forward hooks. One more row times the PruneCXR stage's own path
+(`stages.sweep_model`: host batches made global and sharded over every device through
+`evaluate.predict`, i.e. including the host-to-device copies of the test set per chunk).
 
     python benchmarks/prunecxr_sweep.py --n-test 2048 --size 256 --batch 128 \
         --out bench_out/prunecxr_sweep.json
@@ -27,7 +29,9 @@ from benchmarks.common import device_name, print_table, write_json  # noqa: E402
 from benchmarks.pruning import LEVELS, torch_resnet50  # noqa: E402
 from jaxmed.models import create_model  # noqa: E402
 from jaxmed.models.convert import convert_state_dict  # noqa: E402
-from jaxmed.pruning import sweep as sweep_lib  # noqa: E402
+from jaxmed.methods.prunecxr import stages  # noqa: E402
+from jaxmed.pruning.sweep import make_forward, scores_for, sweep  # noqa: E402
+from jaxmed.train import sharding  # noqa: E402
 
 CLASSES = 20
 
@@ -82,22 +86,42 @@ def main():
     model = create_model("resnet50", CLASSES, dtype=a.dtype)
     v = jax.device_put(convert_state_dict({k: t.cpu() for k, t in net.state_dict().items()},
                                           "resnet50"))
-    batches = [{"image": jax.device_put(images[i:i + a.batch]),
-                "valid": np.ones(min(a.batch, a.n_test - i), bool)}
-               for i in range(0, a.n_test, a.batch)]
+    on_device = [jax.device_put(images[i:i + a.batch]) for i in range(0, a.n_test, a.batch)]
+
+    def levels(fn):  # the device-resident test set; one fetch per chunk of levels
+        return np.concatenate(jax.device_get([fn(x) for x in on_device]), axis=1)
+
     rows, preds = [], {}
     for axis in a.level_axes.split(","):
-        fwd = sweep_lib.make_forward(model, multi_label=True, compute_dtype=jnp.dtype(a.dtype),
-                                     level_axis=axis)
-        scores = sweep_lib.scores_for("l1", v["params"])
-        run = lambda: sweep_lib.sweep(fwd, v, scores, LEVELS, lambda: batches,  # noqa: E731
-                                      chunk=a.chunk)
+        fwd = make_forward(model, multi_label=True, compute_dtype=jnp.dtype(a.dtype),
+                           level_axis=axis)
+        scores = scores_for("l1", v["params"])
+        run = lambda: sweep(fwd, v, scores, LEVELS, levels, chunk=a.chunk)  # noqa: E731
         run()  # compile
         t0 = time.perf_counter()
         preds[axis] = run()
         rows.append({"impl": f"jaxmed ({axis} over levels)", "seconds": time.perf_counter() - t0,
                      "compiles": fwd._cache_size()})
         print(rows[-1], flush=True)
+
+    mesh = sharding.make_mesh()
+    host = []
+    for i in range(0, a.n_test, a.batch):  # global batches of a.batch rows, the last padded
+        n = min(a.batch, a.n_test - i)
+        host.append({"image": np.pad(images[i:i + n], ((0, a.batch - n),) + ((0, 0),) * 3),
+                     "index": np.arange(i, i + a.batch), "valid": np.arange(a.batch) < n})
+    fwd = make_forward(model, multi_label=True, compute_dtype=jnp.dtype(a.dtype), mesh=mesh)
+    vr = sharding.replicate(jax.device_get(v), mesh)
+    scores = scores_for("l1", vr["params"])
+    run = lambda: stages.sweep_model(fwd, vr, scores, LEVELS, lambda: host, mesh,  # noqa: E731
+                                     chunk=a.chunk)
+    run()  # compile
+    t0 = time.perf_counter()
+    preds["stage"] = run()
+    rows.append({"impl": f"jaxmed stage path (host batches over {mesh.devices.size} devices, "
+                         "map)", "seconds": time.perf_counter() - t0,
+                 "compiles": fwd._cache_size()})
+    print(rows[-1], flush=True)
 
     images_t = torch.from_numpy(images.transpose(0, 3, 1, 2)).to(dev)
     torch_protocol(net, images_t[: a.batch], a.batch, a.dtype)  # warm-up (cudnn autotune)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+from scipy import stats
 
 
 def _nanmean(x, axis=None):
@@ -21,21 +22,8 @@ def _nanmean(x, axis=None):
 
 
 def rank_average(x: np.ndarray) -> np.ndarray:
-    """1-based ranks along the last axis, ties getting their average rank (scipy 'average')."""
-    x = np.asarray(x)
-    n = x.shape[-1]
-    order = np.argsort(x, axis=-1, kind="stable")
-    xs = np.take_along_axis(x, order, -1)
-    pos = np.broadcast_to(np.arange(n), xs.shape)
-    starts = np.ones(xs.shape, bool)
-    starts[..., 1:] = xs[..., 1:] != xs[..., :-1]
-    ends = np.ones(xs.shape, bool)
-    ends[..., :-1] = starts[..., 1:]
-    first = np.maximum.accumulate(np.where(starts, pos, 0), axis=-1)
-    last = np.flip(np.minimum.accumulate(np.flip(np.where(ends, pos, n - 1), -1), axis=-1), -1)
-    ranks = np.empty(xs.shape, np.float64)
-    np.put_along_axis(ranks, order, (first + last) / 2.0 + 1.0, -1)
-    return ranks
+    """1-based ranks along the last axis, ties getting their average rank (float64)."""
+    return stats.rankdata(np.asarray(x), method="average", axis=-1).astype(np.float64)
 
 
 def binary_auc(scores, labels) -> np.ndarray:
@@ -220,3 +208,50 @@ def continual_summary(acc: np.ndarray) -> dict:
     bwt = np.mean([last[j] - r[j, j] for j in range(t - 1)])
     forget = np.mean([np.max(r[j:t - 1, j]) - last[j] for j in range(t - 1)])
     return {"acc": float(np.mean(last)), "bwt": float(bwt), "forgetting": float(forget)}
+
+
+# ---------------------------------------------------------------------------- segmentation
+def _binary_masks(pred, target, threshold: float):
+    """pred: probabilities (>= threshold is lesion) or 0/1 masks; target: 0/1 or 0/255 masks
+    (> 0.5 is lesion). Both (N, ...) -> bool (N, P) with the pixels flattened."""
+    pred, target = np.asarray(pred), np.asarray(target)
+    if pred.shape != target.shape:
+        raise ValueError(f"predicted masks {pred.shape} and true masks {target.shape} differ")
+    n = pred.shape[0]
+    return (pred >= threshold).reshape(n, -1), (target > 0.5).reshape(n, -1)
+
+
+def iou_per_image(pred, target, threshold: float = 0.5) -> np.ndarray:
+    """Jaccard |P & T| / |P | T| per image (N,). Both masks empty: 1.0 (nothing to find and
+    nothing found is a perfect answer; ISIC's own images all hold a lesion); one empty: 0.0."""
+    p, t = _binary_masks(pred, target, threshold)
+    inter, union = np.sum(p & t, -1), np.sum(p | t, -1)
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def dice_per_image(pred, target, threshold: float = 0.5) -> np.ndarray:
+    """Dice 2|P & T| / (|P| + |T|) per image (N,); both masks empty: 1.0, as `iou_per_image`."""
+    p, t = _binary_masks(pred, target, threshold)
+    inter, total = np.sum(p & t, -1), np.sum(p, -1) + np.sum(t, -1)
+    return np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
+
+
+ISIC_JACCARD_CUTOFF = 0.65
+
+
+def thresholded_jaccard(pred, target, threshold: float = 0.5,
+                        cutoff: float = ISIC_JACCARD_CUTOFF) -> float:
+    """ISIC 2018 task 1 score: per-image Jaccard, set to 0 below `cutoff` (0.65), averaged."""
+    return _thresholded(iou_per_image(pred, target, threshold), cutoff)
+
+
+def _thresholded(j, cutoff: float) -> float:
+    return float(np.mean(np.where(j >= cutoff, j, 0.0)))
+
+
+def segmentation_metrics(pred, target, threshold: float = 0.5) -> dict:
+    """Mean IoU, mean Dice and the ISIC thresholded Jaccard over images."""
+    j = iou_per_image(pred, target, threshold)
+    return {"iou": float(np.mean(j)),
+            "dice": float(np.mean(dice_per_image(pred, target, threshold))),
+            "thresholded_jaccard": _thresholded(j, ISIC_JACCARD_CUTOFF)}

@@ -1,17 +1,20 @@
 """PruneCXR: every analysis quantity against an independent numpy / scipy / scikit-learn
-computation on constructed predictions; the sweep compiles once; the study runs end to end."""
+computation on constructed predictions; bad config values fail up front naming the key; the
+sweep compiles once, shards its batches over 8 devices with the 1-device results; the study
+runs end to end."""
 
+import importlib.util
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 from scipy import stats
 from sklearn import metrics as skm
 
-from jaxmed.methods import prunecxr_analysis as A
+from jaxmed.methods.prunecxr import analysis as A
+from tests.conftest import REPO, run_python
 
 RNG = np.random.default_rng(0)
 R, S, N, C = 3, 4, 120, 5
@@ -20,6 +23,15 @@ LABELS[:5] = 1  # every class present
 PREDS = np.clip(LABELS[None, None] * 0.3 + RNG.random((R, S, N, C)) * (1 - 0.2 *
                 np.arange(S))[None, :, None, None], 0, 1).astype(np.float32)
 SPARSITIES = [0.0, 0.3, 0.6, 0.9]
+
+
+def quick_config(arg=""):
+    """configs/prunecxr/quick.py loaded by path, as `jaxmed --config=` loads it."""
+    spec = importlib.util.spec_from_file_location(
+        "quick", os.path.join(REPO, "configs", "prunecxr", "quick.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
 
 
 def test_per_class_metrics_match_sklearn():
@@ -108,19 +120,77 @@ def test_pie_ratio_and_disease_counts():
     np.testing.assert_allclose(shares["non_pie"], [np.mean(k[~mask] == v) for v in range(5)])
 
 
+# ------------------------------------------------------------------------ config checks
+@pytest.mark.parametrize("key, value, match", [
+    ("prunecxr.prune_types", ("l1, random",), r"prunecxr\.prune_types.*'l1, random'.*tuple"),
+    ("prunecxr.prune_types", ("l1", "magnitude"), r"prunecxr\.prune_types.*'magnitude'"),
+    ("prunecxr.prune_types", (), r"prunecxr\.prune_types"),
+    ("stages", ("train", "sweeps"), r"config\.stages.*'sweeps'"),
+    ("stages", "train,sweep", r"config\.stages.*must be a tuple"),
+    ("prunecxr.sparsities", (0.1, 0.5, 0.9, 0.95), r"prunecxr\.sparsities.*start at 0\.0"),
+    ("prunecxr.sparsities", (0.0, 0.5, 0.3, 0.9, 0.95), r"prunecxr\.sparsities.*increase"),
+    ("prunecxr.sparsities", (0.0, 0.3, 0.9), r"prunecxr\.change_level=0\.95"),
+    ("prunecxr.level_axis", "pmap", r"prunecxr\.level_axis"),
+])
+def test_bad_config_values_fail_up_front_naming_the_key(tmp_path, key, value, match):
+    from jaxmed.methods import prunecxr
+    cfg = quick_config("tiny")
+    cfg.unlock()
+    group, _, name = key.rpartition(".")
+    target = cfg[group] if group else cfg
+    del target[name]  # the field's type is fixed once set: replace it
+    target[name] = value
+    with pytest.raises(ValueError, match=match):
+        prunecxr.train_and_evaluate(cfg, str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w")  # nothing written, nothing trained
+
+
+def test_comma_string_on_the_command_line_is_refused(tmp_path):
+    """`--config.prunecxr.prune_types="l1, random"` becomes a 1-tuple ('l1, random',), which
+    the old sweep turned into files named `run_00_ random.npy`: now an error naming the key."""
+    proc = run_python(["-m", "jaxmed.main", "--config=configs/prunecxr/quick.py:tiny",
+                       f"--workdir={tmp_path}/w", "--config.prunecxr.prune_types=l1, random"],
+                      check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "config.prunecxr.prune_types" in proc.stderr and "'l1, random'" in proc.stderr
+    assert not os.path.exists(tmp_path / "w" / "runs")
+
+
+# ------------------------------------------------------------------------ sharded sweep
+def test_sweep_on_eight_devices_matches_one_device(tmp_path):
+    """The sweep stage feeds its jitted forward image batches sharded over all 8 devices and
+    replicated stacked params, fetches once per chunk of levels (plus once for the labels),
+    drops the padded rows, writes the 1-device predictions; level 0 is the dense model."""
+    out = tmp_path / "sweep.npz"
+    run_python(["tests/scripts/prunecxr_sharded_sweep.py", str(out), str(tmp_path / "w")],
+               devices=8)
+    r = np.load(out)
+    assert r["devices"] == 8
+    # 64 images in global batches of 24 (the last padded) x 2 chunks of levels
+    assert r["shard_devices"].tolist() == [8] * 6
+    assert r["shard_rows"].tolist() == [[3] * 8] * 6 and r["batch_rows"].tolist() == [24] * 6
+    assert r["params_replicated"]
+    assert r["fetches_stage"] == 1 + 2  # the labels pass, then one fetch per chunk
+    assert r["preds_stage"].shape == (4, 64, 5) and r["preds_stage"].dtype == np.float32
+    np.testing.assert_array_equal(r["index_stage"], np.arange(64))
+    np.testing.assert_array_equal(r["label_stage"], r["labels"])
+    np.testing.assert_allclose(r["preds_stage"], r["preds_1"], atol=1e-6)
+    np.testing.assert_allclose(r["preds_stage"][0], r["dense"], atol=1e-5)
+    assert np.abs(r["preds_stage"][3] - r["dense"]).max() > 1e-3  # 90% sparsity changes them
+
+
 # ------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    from configs import prunecxr_quick
     from jaxmed.methods import prunecxr
-    from jaxmed.pruning import sweep
+    from jaxmed.pruning.sweep import build_masked_params
 
     workdir = str(tmp_path_factory.mktemp("prunecxr"))
-    cfg = prunecxr_quick.get_config("tiny")
-    builds = sweep.build_masked_params._cache_size()
+    cfg = quick_config("tiny")
+    builds = build_masked_params._cache_size()
     result = prunecxr.train_and_evaluate(cfg, workdir)
     return {"workdir": workdir, "config": cfg, "result": result,
-            "new_mask_programs": sweep.build_masked_params._cache_size() - builds}
+            "new_mask_programs": build_masked_params._cache_size() - builds}
 
 
 def test_study_writes_the_full_report(quick_run):
@@ -138,22 +208,39 @@ def test_study_writes_the_full_report(quick_run):
     assert "log train freq vs relative AP change at 95%" in summary and "PIEs" in summary
     sweeps = np.load(os.path.join(quick_run["workdir"], "sweep", "run_00_l1.npy"))
     assert sweeps.shape == (20, 64, 5)
+    with open(os.path.join(quick_run["workdir"], "runs", "run_01", "config.json")) as f:
+        run_cfg = json.load(f)  # each run is a plain supervised run with its own seed
+    assert run_cfg["method"] == "supervised" and run_cfg["seed"] == 1
+    assert "prunecxr" not in run_cfg and "stages" not in run_cfg
 
 
 def test_sweep_compiles_once_and_level_zero_is_the_dense_model(quick_run):
     from jaxmed.methods import supervised
+    from jaxmed.methods.prunecxr.stages import load_model_variables
+    from jaxmed.train import sharding
     assert quick_run["new_mask_programs"] == 1  # 2 runs x 2 types x 2 chunks: one program
     cfg = quick_run["config"]
     run = os.path.join(quick_run["workdir"], "runs", "run_00")
-    s = supervised.setup(cfg, run)
-    from jaxmed.methods.prunecxr import load_model_variables
-    v = load_model_variables(run, s["model"], cfg.model.name, (16, 16, 3))
-    state = s["state"].replace(params=jax.device_put(v["params"]),
-                               batch_stats=jax.device_put(v["batch_stats"]))
-    dense = s["evaluator"].predict(state, "test")["probs"]
+    s = supervised.build_run(cfg)
+    v = load_model_variables(run, s.model, cfg.model.name, (16, 16, 3))
+    state = s.state.replace(params=sharding.replicate(v["params"], s.mesh),
+                            batch_stats=sharding.replicate(v["batch_stats"], s.mesh))
+    dense = s.evaluator.predict(state, "test")["probs"]
     swept = np.load(os.path.join(quick_run["workdir"], "sweep", "run_00_l1.npy"))
     np.testing.assert_allclose(swept[0], dense, atol=1e-5)
     assert np.abs(swept[-1] - dense).max() > 1e-3  # 95% sparsity changes the predictions
+
+
+def test_resumed_study_refuses_another_sweep(quick_run):
+    """Only keys that choose what runs (stages, chunking, report levels) may change on resume;
+    other sparsities would mix two sweeps in one workdir."""
+    from jaxmed.methods import prunecxr
+    from jaxmed.train.workdir import ConfigChangedError
+    cfg = quick_config("tiny")
+    cfg.unlock()
+    cfg.prunecxr.sparsities = (0.0, 0.5, 0.9, 0.95)
+    with pytest.raises(ConfigChangedError, match=r"prunecxr\.sparsities"):
+        prunecxr.train_and_evaluate(cfg, quick_run["workdir"])
 
 
 def test_rerun_skips_finished_stages(quick_run):
@@ -163,9 +250,9 @@ def test_rerun_skips_finished_stages(quick_run):
              ("runs/run_00/final.json", "sweep/run_01_random.npy")}
     cfg = quick_run["config"]
     cfg.unlock()
-    cfg.stages = "train,sweep"
+    cfg.stages = ("train", "sweep")
     prunecxr.train_and_evaluate(cfg, w)
-    cfg.stages = "train,sweep,analyze"
+    cfg.stages = ("train", "sweep", "analyze")
     cfg.lock()
     for f, t in stamp.items():
         assert os.path.getmtime(os.path.join(w, f)) == t, f
@@ -175,7 +262,7 @@ def test_rerun_skips_finished_stages(quick_run):
 
 def test_torch_resnet50_checkpoint_loads_for_the_sweep(tmp_path):
     torch = pytest.importorskip("torch")
-    from jaxmed.methods.prunecxr import load_model_variables
+    from jaxmed.methods.prunecxr.stages import load_model_variables
     from jaxmed.models import create_model
     from tests import torch_reference as ref
     net = ref.ResNet(ref.Bottleneck, (3, 4, 6, 3), 20)

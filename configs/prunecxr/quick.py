@@ -1,10 +1,19 @@
 """PruneCXR on synthetic long-tailed multi-label data: the whole study in minutes on a CPU.
 
-    jaxmed --config=configs/prunecxr_quick.py --workdir=workdirs/prunecxr_quick
+    jaxmed --config=configs/prunecxr/quick.py --workdir=workdirs/prunecxr_quick
 
 3 runs of a small ResNet-18 (small stem, width 8) on 32 px synthetic images with 8 findings
 whose prevalence falls 20x from head to tail; 20 sparsities x {L1, random}; the report lands in
-workdirs/prunecxr_quick/report/ (about 3 minutes on 2 CPU cores).
+workdirs/prunecxr_quick/report/.
+
+Runtime: about 3 minutes on 2 CPU cores from scratch (2 min 40 s to 3 min 20 s measured).
+Expected result (report/summary.md): dense test mAP 0.532 ± 0.094 over the 3 runs; at 95%
+sparsity 0.151 (L1) and 0.143 (random); the first 20% AP drop comes at sparsity 0.30-0.90 under
+L1 pruning but already at 0.05-0.15 under random pruning; log training frequency vs first 20%
+AP drop (L1) r 0.46 / rho 0.58 (8 classes: p 0.25 / 0.13, too few for a verdict); 25 PIEs, 88%
+of them without any finding (29% of the other images).
+
+`:tiny` (tests, seconds): 5 classes, 16 px, ResNet-8 width 4, 2 runs of 2 epochs.
 """
 
 from jaxmed.methods import prunecxr

@@ -1,7 +1,7 @@
-"""PruneCXR's analysis, in numpy: per-class metrics across runs and sparsities, forgettability
-curves, correlations with class frequency, class-pair curve distances and pruning-identified
-exemplars (PIEs). Pure functions of prediction arrays; `prunecxr.py` feeds them, tests check
-them against independent computations.
+"""PruneCXR's analysis, in numpy / scipy: per-class metrics across runs and sparsities,
+forgettability curves, correlations with class frequency, class-pair curve distances and
+pruning-identified exemplars (PIEs). Pure functions of prediction arrays; `analyze` composes
+them for the report, tests check them against independent computations.
 
 Shapes: preds [runs R, sparsities S, images N, classes C]; labels [N, C] (0/1).
 """
@@ -12,9 +12,9 @@ import dataclasses
 import math
 
 import numpy as np
-from scipy import special
+from scipy import stats
 
-from jaxmed.metrics import binary_counts, f1_from_counts, per_class_ap, per_class_auc, rank_average
+from jaxmed.metrics import binary_counts, f1_from_counts, per_class_ap, per_class_auc
 
 
 def per_class_metrics(preds: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> dict:
@@ -62,32 +62,20 @@ class Correlation:
     spearman_p: float
 
 
-def _pearson(x, y) -> tuple[float, float]:
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    n = x.size
-    xm, ym = x - x.mean(), y - y.mean()
-    r = float(np.sum(xm * ym) / math.sqrt(np.sum(xm * xm) * np.sum(ym * ym)))
-    r = max(min(r, 1.0), -1.0)
-    if n < 3:
-        return r, float("nan")
-    if abs(r) == 1.0:
-        return r, 0.0
-    t = r * math.sqrt((n - 2) / (1.0 - r * r))
-    return r, float(2 * special.stdtr(n - 2, -abs(t)))
-
-
 def correlate(x, y) -> Correlation:
-    """Pearson r and Spearman rho (Pearson of average ranks), two-sided p-values from the t
-    distribution with n - 2 degrees of freedom. Pairs with a NaN / None side are dropped."""
+    """Pearson r and Spearman rho with their two-sided p-values (scipy.stats). Pairs with a NaN /
+    None side are dropped (a class that never drops 20%); fewer than 3 pairs, or a constant
+    side, give NaN."""
     x = np.asarray([np.nan if v is None else v for v in x], np.float64)
     y = np.asarray([np.nan if v is None else v for v in y], np.float64)
     ok = np.isfinite(x) & np.isfinite(y)
     x, y = x[ok], y[ok]
     if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return Correlation(int(x.size), *(float("nan"),) * 4)
-    r, p = _pearson(x, y)
-    rho, prho = _pearson(rank_average(x), rank_average(y))
-    return Correlation(int(x.size), r, p, rho, prho)
+    pearson = stats.pearsonr(x, y)
+    spearman = stats.spearmanr(x, y)
+    return Correlation(int(x.size), float(pearson.statistic), float(pearson.pvalue),
+                       float(spearman.statistic), float(spearman.pvalue))
 
 
 def cooccurrence_iou(labels: np.ndarray) -> np.ndarray:
@@ -113,8 +101,10 @@ def class_pairs(curves: np.ndarray, log_freq: np.ndarray, test_labels: np.ndarra
 
 
 def per_image_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman correlation across classes, per image: a, b are [N, C]."""
-    ra, rb = rank_average(a), rank_average(b)
+    """Spearman correlation across classes, per image: a, b are [N, C]. Vectorised over images
+    (Pearson of scipy's average ranks, row by row); an image whose scores are all tied gets 0."""
+    ra = stats.rankdata(a, method="average", axis=1)
+    rb = stats.rankdata(b, method="average", axis=1)
     ra = ra - ra.mean(1, keepdims=True)
     rb = rb - rb.mean(1, keepdims=True)
     den = np.sqrt(np.sum(ra * ra, 1) * np.sum(rb * rb, 1))
@@ -154,3 +144,39 @@ def disease_count_shares(labels: np.ndarray, pies: np.ndarray, class_names,
     is_pie[pies] = True
     share = lambda m: np.bincount(counts[m], minlength=5) / max(int(m.sum()), 1)  # noqa: E731
     return {"bins": ["0", "1", "2", "3", "4+"], "pie": share(is_pie), "non_pie": share(~is_pie)}
+
+
+# ------------------------------------------------------------------------------ the study
+
+
+def analyze(sweeps: dict, cfg) -> dict:
+    """Every quantity of the study from the sweep arrays (`stages.load_sweeps`); `cfg` is
+    `config.prunecxr`. Kept apart from file writing so tests can read the numbers."""
+    meta, labels = sweeps["meta"], sweeps["labels"]
+    sp = np.asarray(meta["sparsities"])
+    names = meta["class_names"]
+    counts = np.asarray(meta["train_class_counts"], np.float64)
+    log_freq = np.log(np.maximum(counts, 1))
+    out = {"sparsities": sp, "class_names": names, "log_freq": log_freq, "counts": counts,
+           "labels": labels, "index": sweeps["index"], "kinds": {}}
+    for kind in meta["prune_types"]:
+        m = per_class_metrics(sweeps[kind], labels)
+        curves = {k: forgettability_curves(v) for k, v in m.items()}
+        drop = first_drop(curves["ap"], sp, cfg.drop_threshold)
+        change = change_at(curves["ap"], sp, cfg.change_level)
+        pairs = class_pairs(curves["ap"], log_freq, labels)
+        corr = {
+            "log train freq vs first 20% AP drop": correlate(log_freq, drop),
+            "log train freq vs relative AP change at 95%": correlate(log_freq, change),
+            "FCD vs |diff of log freq|": correlate(pairs["fcd"], pairs["dlogfreq"]),
+            "FCD vs IoU^(1/4)": correlate(pairs["fcd"], pairs["iou_quarter"]),
+        }
+        out["kinds"][kind] = {"metrics": m, "curves": curves, "first_drop": drop,
+                              "change": change, "pairs": pairs, "corr": corr,
+                              "map": np.nanmean(m["ap"], axis=-1)}
+    base = "l1" if "l1" in sweeps else meta["prune_types"][0]
+    pies, scores = find_pies(sweeps[base], sp, cfg.pie_level, cfg.pie_fraction)
+    out["pies"] = {"kind": base, "indices": pies, "scores": scores,
+                   "ratio": prevalence_ratio(labels, pies),
+                   "diseases": disease_count_shares(labels, pies, names)}
+    return out

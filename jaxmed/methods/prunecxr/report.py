@@ -1,14 +1,17 @@
-"""PruneCXR's report: CSV tables, PNG figures and summary.md in workdir/report/."""
+"""PruneCXR's report: CSV tables, PNG figures and summary.md in workdir/report/, from the
+sweep arrays (`stages.load_sweeps`) through `analysis.analyze`."""
 
 from __future__ import annotations
 
 import os
 
+import matplotlib.cm
+import matplotlib.colors
 import numpy as np
 
 from jaxmed.data.images import decode_image
-from jaxmed.methods import prunecxr_analysis as A
-from jaxmed.methods.report_files import plt, save_figure, write_csv
+from jaxmed.methods.prunecxr import analysis as A
+from jaxmed.report import new_figure, save_figure, write_csv, write_markdown
 
 TARGETS = {  # the reference's printed figures (r, rho): NIH, MIMIC
     "log train freq vs first 20% AP drop": ((0.64, 0.61), (0.82, 0.93)),
@@ -18,50 +21,16 @@ TARGETS = {  # the reference's printed figures (r, rho): NIH, MIMIC
 }
 
 
-
 def _fmt(v):
     if v is None:
         return "none"
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def analyze(sweeps: dict, cfg) -> dict:
-    """Every quantity of the study from the sweep arrays (kept separate from file writing)."""
-    meta, labels = sweeps["meta"], sweeps["labels"]
-    sp = np.asarray(meta["sparsities"])
-    names = meta["class_names"]
-    counts = np.asarray(meta["train_class_counts"], np.float64)
-    log_freq = np.log(np.maximum(counts, 1))
-    out = {"sparsities": sp, "class_names": names, "log_freq": log_freq, "counts": counts,
-           "labels": labels, "kinds": {}}
-    for kind in meta["prune_types"]:
-        m = A.per_class_metrics(sweeps[kind], labels)
-        curves = {k: A.forgettability_curves(v) for k, v in m.items()}
-        drop = A.first_drop(curves["ap"], sp, cfg.drop_threshold)
-        change = A.change_at(curves["ap"], sp, cfg.change_level)
-        pairs = A.class_pairs(curves["ap"], log_freq, labels)
-        corr = {
-            "log train freq vs first 20% AP drop": A.correlate(log_freq, drop),
-            "log train freq vs relative AP change at 95%": A.correlate(log_freq, change),
-            "FCD vs |diff of log freq|": A.correlate(pairs["fcd"], pairs["dlogfreq"]),
-            "FCD vs IoU^(1/4)": A.correlate(pairs["fcd"], pairs["iou_quarter"]),
-        }
-        out["kinds"][kind] = {"metrics": m, "curves": curves, "first_drop": drop,
-                              "change": change, "pairs": pairs, "corr": corr,
-                              "map": np.nanmean(m["ap"], axis=-1)}
-    base = "l1" if "l1" in sweeps else meta["prune_types"][0]
-    pies, scores = A.find_pies(sweeps[base], sp, cfg.pie_level, cfg.pie_fraction)
-    out["pies"] = {"kind": base, "indices": pies, "scores": scores,
-                   "ratio": A.prevalence_ratio(labels, pies),
-                   "diseases": A.disease_count_shares(labels, pies, names)}
-    return out
-
-
-def write_report(config, workdir: str, ds) -> dict:
-    from jaxmed.methods.prunecxr import load_sweeps
-
-    cfg = config.prunecxr
-    res = analyze(load_sweeps(workdir), cfg)
+def write_report(config, workdir: str, ds, sweeps: dict) -> dict:
+    """Write workdir/report/ and return the headline figures (correlations, dense mAP, PIE
+    prevalence ratios)."""
+    res = A.analyze(sweeps, config.prunecxr)
     d = os.path.join(workdir, "report")
     os.makedirs(d, exist_ok=True)
     names, sp = res["class_names"], res["sparsities"]
@@ -82,47 +51,50 @@ def _tables(d, res):
                     rows += [[kind, metric, r, sp[s], names[c], arr[r, s, c]]
                              for c in range(arr.shape[2])]
     write_csv(os.path.join(d, "metrics_by_sparsity.csv"),
-         ["prune_type", "metric", "run", "sparsity", "class", "value"], rows)
+              ["prune_type", "metric", "run", "sparsity", "class", "value"], rows)
     rows = [[kind, metric, names[c], sp[s], k["curves"][metric][s, c]]
             for kind, k in res["kinds"].items() for metric in k["curves"]
             for c in range(len(names)) for s in range(len(sp))]
     write_csv(os.path.join(d, "forgettability.csv"),
-         ["prune_type", "metric", "class", "sparsity", "median_relative_change"], rows)
+              ["prune_type", "metric", "class", "sparsity", "median_relative_change"], rows)
     rows = []
     for kind, k in res["kinds"].items():
         dense = np.median(k["metrics"]["ap"][:, 0], axis=0)
         rows += [[kind, names[c], int(res["counts"][c]), res["log_freq"][c], dense[c],
                   _fmt(k["first_drop"][c]), k["change"][c]] for c in range(len(names))]
-    write_csv(os.path.join(d, "per_class.csv"), ["prune_type", "class", "train_count", "log_freq",
-                                            "dense_ap_median", "first_20pct_ap_drop",
-                                            "relative_ap_change_at_95"], rows)
+    write_csv(os.path.join(d, "per_class.csv"),
+              ["prune_type", "class", "train_count", "log_freq", "dense_ap_median",
+               "first_20pct_ap_drop", "relative_ap_change_at_95"], rows)
     rows = [[kind, rel, c.n, c.pearson_r, c.pearson_p, c.spearman_rho, c.spearman_p]
             for kind, k in res["kinds"].items() for rel, c in k["corr"].items()]
-    write_csv(os.path.join(d, "correlations.csv"), ["prune_type", "relation", "n", "pearson_r",
-                                               "pearson_p", "spearman_rho", "spearman_p"], rows)
+    write_csv(os.path.join(d, "correlations.csv"),
+              ["prune_type", "relation", "n", "pearson_r", "pearson_p", "spearman_rho",
+               "spearman_p"], rows)
     rows = [[kind, names[i], names[j], f, dl, q] for kind, k in res["kinds"].items()
             for i, j, f, dl, q in zip(k["pairs"]["i"], k["pairs"]["j"], k["pairs"]["fcd"],
                                       k["pairs"]["dlogfreq"], k["pairs"]["iou_quarter"])]
     write_csv(os.path.join(d, "class_pairs.csv"),
-         ["prune_type", "class_a", "class_b", "fcd", "abs_diff_log_freq", "iou_quarter"], rows)
+              ["prune_type", "class_a", "class_b", "fcd", "abs_diff_log_freq", "iou_quarter"],
+              rows)
     p = res["pies"]
     is_pie = np.zeros(len(p["scores"]), bool)
     is_pie[p["indices"]] = True
-    write_csv(os.path.join(d, "pies.csv"), ["test_row", "spearman_dense_vs_pruned", "is_pie",
-                                       "labels"],
-         [[i, p["scores"][i], int(is_pie[i]),
-           "|".join(n for n, y in zip(names, res["labels"][i]) if y > 0.5)]
-          for i in range(len(is_pie))])
+    write_csv(os.path.join(d, "pies.csv"),
+              ["test_row", "index", "spearman_dense_vs_pruned", "is_pie", "labels"],
+              [[i, int(res["index"][i]), p["scores"][i], int(is_pie[i]),
+                "|".join(n for n, y in zip(names, res["labels"][i]) if y > 0.5)]
+               for i in range(len(is_pie))])
     write_csv(os.path.join(d, "pie_prevalence_ratio.csv"), ["class", "train_count", "ratio"],
-         [[names[c], int(res["counts"][c]), p["ratio"][c]] for c in range(len(names))])
-    write_csv(os.path.join(d, "pie_disease_counts.csv"), ["diseases", "pie_share", "non_pie_share"],
-         [[b, a, c] for b, a, c in zip(p["diseases"]["bins"], p["diseases"]["pie"],
-                                       p["diseases"]["non_pie"])])
+              [[names[c], int(res["counts"][c]), p["ratio"][c]] for c in range(len(names))])
+    write_csv(os.path.join(d, "pie_disease_counts.csv"),
+              ["diseases", "pie_share", "non_pie_share"],
+              [[b, a, c] for b, a, c in zip(p["diseases"]["bins"], p["diseases"]["pie"],
+                                            p["diseases"]["non_pie"])])
 
 
 def _figures(d, res):
     sp = res["sparsities"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure(figsize=(6, 4))
     for kind, k in res["kinds"].items():
         mean, std = k["map"].mean(0), k["map"].std(0)
         ax.errorbar(sp, mean, yerr=std, marker="o", capsize=2, label=f"{kind} pruning")
@@ -132,19 +104,20 @@ def _figures(d, res):
     save_figure(fig, os.path.join(d, "map_vs_sparsity.png"), dpi=120)
 
     for kind, k in res["kinds"].items():
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = new_figure(figsize=(7, 4.5))
         lf = res["log_freq"]
-        norm = plt.Normalize(lf.min(), lf.max())
+        norm = matplotlib.colors.Normalize(lf.min(), lf.max())
+        cmap = matplotlib.colormaps["viridis"]
         for c, _name in enumerate(res["class_names"]):
-            ax.plot(sp, k["curves"]["ap"][:, c], color=plt.cm.viridis(norm(lf[c])), lw=1.2)
+            ax.plot(sp, k["curves"]["ap"][:, c], color=cmap(norm(lf[c])), lw=1.2)
         ax.axhline(-0.2, color="red", ls="--", lw=0.8)
-        sm = plt.cm.ScalarMappable(norm=norm, cmap="viridis")
-        fig.colorbar(sm, ax=ax, label="log training frequency")
+        fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax,
+                     label="log training frequency")
         ax.set(xlabel="sparsity", ylabel="median relative AP change",
                title=f"Forgettability curves per class ({kind} pruning)")
         save_figure(fig, os.path.join(d, f"forgettability_{kind}.png"), dpi=120)
 
-        fig, axes = plt.subplots(2, 2, figsize=(10, 8))
+        fig, axes = new_figure(2, 2, figsize=(10, 8))
         pr = k["pairs"]
         drop = np.array([np.nan if v is None else v for v in k["first_drop"]])
         panels = [(res["log_freq"], drop, "log train frequency", "first sparsity with 20% AP drop"),
@@ -163,7 +136,7 @@ def _figures(d, res):
 
     p = res["pies"]
     order = np.argsort(-res["counts"])
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = new_figure(figsize=(8, 4))
     ax.bar(range(len(order)), p["ratio"][order])
     ax.axhline(1.0, color="red", ls="--", lw=0.8)
     ax.set_xticks(range(len(order)), [res["class_names"][i] for i in order], rotation=70,
@@ -172,7 +145,7 @@ def _figures(d, res):
            title="PIE prevalence ratio per class (head -> tail)")
     save_figure(fig, os.path.join(d, "pie_prevalence_ratio.png"), dpi=120)
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = new_figure(figsize=(5, 3.5))
     x = np.arange(5)
     ax.bar(x - 0.2, p["diseases"]["pie"], 0.4, label="PIEs")
     ax.bar(x + 0.2, p["diseases"]["non_pie"], 0.4, label="non-PIEs")
@@ -183,18 +156,28 @@ def _figures(d, res):
     save_figure(fig, os.path.join(d, "pie_disease_counts.png"), dpi=120)
 
 
+def _record_position(source, index: int) -> int:
+    """Position in `source` of the record whose stable `index` is given: table sources keep
+    their ids (`ids`, e.g. after `subset`), the others number records by position."""
+    ids = getattr(source, "ids", None)
+    if ids is None:
+        return int(index)
+    return int(np.flatnonzero(np.asarray(ids) == index)[0])
+
+
 def _pie_grid(path, res, ds, config):
-    """The lowest-correlation PIEs with their labels."""
-    test = ds["test"]  # sweep rows are the test source's records in order
+    """The lowest-correlation PIEs with their labels (sweep rows are sorted by stable index)."""
+    test = ds["test"]
     p = res["pies"]
     shown = p["indices"][: config.prunecxr.pie_grid]
     cols = 4
     rows = max(1, int(np.ceil(len(shown) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.6, rows * 2.9), squeeze=False)
+    fig, axes = new_figure(rows, cols, figsize=(cols * 2.6, rows * 2.9), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, t in zip(axes.ravel(), shown):
-        img = decode_image(test[int(t)]["image"], size=(128, 128), channels=3)
+        record = test[_record_position(test, res["index"][t])]
+        img = decode_image(record["image"], size=(128, 128), channels=3)
         ax.imshow(img)
         names = [n for n, y in zip(res["class_names"], res["labels"][t]) if y > 0.5]
         ax.set_title("\n".join([", ".join(names[:3]) or "(none)",
@@ -252,8 +235,7 @@ def _summary(d, res, config) -> dict:
               "", "Figures: map_vs_sparsity.png, forgettability_<type>.png, "
               "correlations_<type>.png, pie_prevalence_ratio.png, pie_disease_counts.png, "
               "pie_grid.png. Tables: *.csv."]
-    with open(os.path.join(d, "summary.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_markdown(os.path.join(d, "summary.md"), lines)
     head["pie_ratio_tail"] = float(np.nanmean(ratio[tail]))
     head["pie_ratio_head"] = float(np.nanmean(ratio[headc]))
     return head
