@@ -1,7 +1,7 @@
 """BiasPruner's task-agnostic inference: every stored subnetwork (a channel mask, its BatchNorm
 and head) runs on every test image and the lowest-entropy task's prediction wins. jaxmed runs
-all subnetworks as one program (`SubnetLearner.all_logits`, `vmap` or `lax.map` over the
-stacked subnetworks); the PyTorch counterpart
+all subnetworks as one program (`subnetworks.predict_batch`: `vmap` or `lax.map` over the
+stacked subnetworks, entropy selection in the same program); the PyTorch counterpart
 keeps one masked model per task (prepared before timing, channels_last, cudnn.benchmark) and
 loops over them, which is how the paper describes inference. Same weights on both sides
 (converted), ResNet-18 ImageNet stem, 30% of inner channels pruned per task.
@@ -26,7 +26,8 @@ import numpy as np  # noqa: E402
 
 from benchmarks.common import device_name, print_table, write_json  # noqa: E402
 from benchmarks.torch_reference.train_step import build as torch_build  # noqa: E402
-from jaxmed.methods import biaspruner, continual  # noqa: E402
+from jaxmed.methods import biaspruner  # noqa: E402
+from jaxmed.methods.biaspruner import continual, subnetworks  # noqa: E402
 from jaxmed.models.convert import convert_state_dict  # noqa: E402
 from jaxmed.pruning import structured  # noqa: E402
 
@@ -35,7 +36,8 @@ GAMMA = 0.3
 
 def jax_learner(num_tasks: int, size: int, dtype: str, torch_net, task_axis: str,
                 seed: int = 0):
-    """A SubnetLearner with `num_tasks` stored random subnetworks over the torch net's weights."""
+    """(setup, Subnetworks state) with `num_tasks` stored random subnetworks over the torch
+    net's weights."""
     c = biaspruner.real_data_config("synthetic", "", epochs=1)
     c.data.image_size = size
     c.data.synthetic.num_classes = 2 * num_tasks
@@ -43,38 +45,43 @@ def jax_learner(num_tasks: int, size: int, dtype: str, torch_net, task_axis: str
         4 * num_tasks
     c.model.dtype = dtype
     c.continual.task_axis = task_axis
-    c.continual.tasks = "|".join(f"{2 * t},{2 * t + 1}" for t in range(num_tasks))
+    c.continual.tasks = tuple((2 * t, 2 * t + 1) for t in range(num_tasks))
     tasks, info = continual.build_tasks(c)
-    learner = biaspruner.SubnetLearner(continual.Env(c, tasks, info), selection="bias")
+    setup, state = subnetworks.init(continual.Env(c, tasks, info), "bias")
     v = convert_state_dict({k: t.cpu() for k, t in torch_net.state_dict().items()}, "resnet18")
     backbone = dict(jax.device_get(v["params"]))
-    backbone["fc"] = learner.backbone["fc"]  # unused: heads live outside the model
-    learner.backbone = backbone
-    learner.task_bn = [learner._bn_leaves(backbone)] * num_tasks
-    learner.task_stats = [jax.device_get(v["batch_stats"])] * num_tasks
+    backbone["fc"] = state.backbone["fc"]  # unused: heads live outside the model
+    def stack(tree):
+        return jax.tree.map(lambda x: np.repeat(np.asarray(x)[None], num_tasks, 0), tree)
+
     rng = np.random.default_rng(seed)
-    units = structured.resnet_units(backbone)
-    for t in range(num_tasks):
-        scores = {u.name: rng.random(u.width) for u in units}
-        learner.channel[t] = structured.channel_masks(scores, GAMMA, prune="highest")
-    learner.stored = num_tasks
-    learner._stacked = None
-    return learner
+    channel = {}
+    for u in structured.resnet_units(backbone):
+        channel.setdefault(u.block, {})[u.conv] = np.stack([
+            structured.channel_masks({u.name: rng.random(u.width)}, GAMMA, prune="highest")[
+                u.name] for _ in range(num_tasks)])
+    state = state.replace(backbone=backbone,
+                          task_bn=stack(subnetworks.subset(backbone, subnetworks.is_bn)),
+                          task_stats=stack(jax.device_get(v["batch_stats"])), channel=channel,
+                          stored=np.int32(num_tasks))
+    return setup, jax.device_put(state)
 
 
-def torch_models(net, learner, dev):
+def torch_models(net, state, dev):
     """One masked copy of the net per task (pruned channels' conv filters and BN affine zeroed,
     as jaxmed's parameter masks do), with the task's head as its fc."""
     import torch
 
-    heads = jax.device_get(learner.heads)
+    heads = jax.device_get(state.heads)
+    units = subnetworks.units_of(jax.device_get(state.channel))
     models = []
-    for t, channel in enumerate(learner.channel[: learner.stored]):
+    for t in range(int(state.stored)):
+        channel = {name: m[t] for name, m in units.items()}
         m = copy.deepcopy(net)
         m.fc = torch.nn.Linear(heads["kernel"].shape[1], heads["kernel"].shape[2])
         with torch.no_grad():
-            m.fc.weight.copy_(torch.from_numpy(np.asarray(heads["kernel"][t]).T.copy()))
-            m.fc.bias.copy_(torch.from_numpy(np.asarray(heads["bias"][t])))
+            m.fc.weight.copy_(torch.from_numpy(np.array(heads["kernel"][t]).T.copy()))
+            m.fc.bias.copy_(torch.from_numpy(np.array(heads["bias"][t])))
             for name, mask in channel.items():
                 block, conv = name.split("/")
                 layer, idx = block.split("_")
@@ -113,14 +120,11 @@ def torch_infer(models, images_u8, batch, dtype, cmask):
     return torch.cat(sel).cpu().numpy(), torch.cat(pred).cpu().numpy()
 
 
-def jax_infer(learner, batches, cmask, valid):
-    sel, pred = [], []
-    for b in batches:
-        logits = learner.all_logits(b)
-        s = continual.select_task(logits, cmask, valid)
-        sel.append(s)
-        pred.append(jnp.argmax(continual.pick(logits, s), -1))
-    return np.asarray(jnp.concatenate(sel)), np.asarray(jnp.concatenate(pred))
+def jax_infer(setup, state, batches, valid):
+    """Every batch through the one jitted program (all subnetworks + selection); one fetch."""
+    outs = [subnetworks.predict(setup, state, {"image": b}, valid_tasks=valid) for b in batches]
+    outs = jax.device_get(outs)
+    return (np.concatenate([o["task"] for o in outs]), np.concatenate([o["pred"] for o in outs]))
 
 
 def main():
@@ -155,21 +159,22 @@ def main():
         batches = [jax.device_put(images[i:i + a.batch]) for i in range(0, a.n_test, a.batch)]
         found = {}
         for axis in a.task_axes.split(","):
-            learner = jax_learner(num_tasks, a.size, a.dtype, net, axis)
-            cmask = continual.class_mask(learner.env.tasks, num_tasks, learner.max_classes)
+            setup, state = jax_learner(num_tasks, a.size, a.dtype, net, axis)
+            cmask = np.asarray(state.cmask)
             valid = jnp.ones(num_tasks, bool)
-            jax_infer(learner, batches, cmask, valid)  # compile
+            programs = subnetworks.predict_batch._cache_size()
+            jax_infer(setup, state, batches, valid)  # compile
             times = []
             for _ in range(a.repeats):
                 t0 = time.perf_counter()
-                found[axis] = jax_infer(learner, batches, cmask, valid)
+                found[axis] = jax_infer(setup, state, batches, valid)
                 times.append(time.perf_counter() - t0)
             rows.append({"tasks": num_tasks, "impl": f"jaxmed ({axis} over tasks)",
                          "seconds": float(np.median(times)),
-                         "compiles": learner._logits._cache_size()})
+                         "compiles": subnetworks.predict_batch._cache_size() - programs})
             print(rows[-1], flush=True)
 
-        models = torch_models(net, learner, dev)
+        models = torch_models(net, state, dev)
         torch_infer(models, images_t[: a.batch], a.batch, a.dtype, cmask)  # cudnn autotune
         times = []
         for _ in range(a.repeats):

@@ -1,6 +1,8 @@
 """BiasPruner: bias scores vs numpy, earlier tasks bitwise frozen, entropy selection, fairness
-and continual metrics vs hand-computed values, the whole comparison end to end."""
+and continual metrics vs hand-computed values, 8-device inference equal to 1-device, the whole
+comparison end to end."""
 
+import importlib.util
 import json
 import os
 
@@ -10,8 +12,20 @@ import numpy as np
 import pytest
 
 from jaxmed import metrics
-from jaxmed.methods import biaspruner, continual
+from jaxmed.methods import biaspruner
+from jaxmed.methods.biaspruner import baselines, continual, subnetworks
+from jaxmed.models.common import sown
 from jaxmed.pruning import structured
+from tests.conftest import REPO, run_python
+
+
+def _config(name: str, arg: str = ""):
+    """configs/biaspruner/<name>.py's config (loaded by path, as jaxmed --config does)."""
+    spec = importlib.util.spec_from_file_location(
+        f"bp_{name}", os.path.join(REPO, "configs", "biaspruner", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -66,8 +80,7 @@ def test_entropy_selection_picks_the_confident_subnetwork():
 # ------------------------------------------------------------------------- the learner
 @pytest.fixture(scope="module")
 def env():
-    from configs import biaspruner_quick
-    cfg = biaspruner_quick.get_config("tiny")
+    cfg = _config("quick", "tiny")
     tasks, info = continual.build_tasks(cfg)
     return continual.Env(cfg, tasks, info)
 
@@ -89,21 +102,23 @@ def _unit_layer(params, stats, x):
 
 def test_bias_scores_equal_numpy(env):
     from jaxmed.data import augment
-    learner = biaspruner.SubnetLearner(env, selection="bias")
+    setup, state = subnetworks.init(env, "bias")
     rng = np.random.default_rng(0)
     params = {"backbone": jax.tree.map(lambda v: v + 0.05 * rng.normal(size=v.shape).astype(
-        v.dtype), learner.backbone), "heads": learner.heads}
-    stats = learner.task_stats[0]
-    cmask = jnp.asarray(continual.class_mask(env.tasks, env.num_tasks, env.max_classes))
+        v.dtype), state.backbone), "heads": state.heads}
+    stats = jax.tree.map(lambda x: x[0], state.task_stats)
+    cmask = continual.class_mask(env.tasks, env.num_tasks, env.max_classes)
     source = env.tasks[0].splits["train"]
-    scores, _ = learner._bias_scores(params, stats, cmask, 0, source)
+    scores = subnetworks.score_pass(env, setup, params, stats, 0, cmask, source)["scores"]
 
     acts, correct = {}, []
     for b in env.batches(source):
         keep = np.asarray(b["valid"], bool)
         x = augment.normalize(jnp.asarray(b["image"]))
-        _, feats, a = learner.model.apply({"params": params["backbone"], "batch_stats": stats},
-                                          x, train=False, features=True, capture=True)
+        (_, feats), inter = setup.model.apply(
+            {"params": params["backbone"], "batch_stats": stats}, x, train=False,
+            features=True, mutable=["intermediates"])
+        a = sown(inter["intermediates"])
         manual = _unit_layer(params["backbone"], stats, np.asarray(x))
         np.testing.assert_allclose(np.asarray(a["layer1_0/conv1"]), manual, atol=1e-4)
         logits = np.asarray(feats) @ np.asarray(params["heads"]["kernel"][0]) + np.asarray(
@@ -125,80 +140,86 @@ def test_bias_scores_equal_numpy(env):
 
 @pytest.mark.parametrize("selection", ["bias", "packnet"])
 def test_earlier_tasks_are_bitwise_frozen(env, tmp_path, selection):
-    learner = biaspruner.SubnetLearner(env, selection=selection)
-    learner.train_task(0, env.tasks[0], str(tmp_path / "t0"))
-    before = jax.tree.map(np.copy, jax.device_get(learner.backbone))
-    owner0 = jax.tree.map(lambda o: None if o is None else o == 0, learner.owner,
-                          is_leaf=lambda x: x is None)
-    bn0, stats0 = dict(learner.task_bn[0]), learner.task_stats[0]
-    head0 = np.asarray(learner.heads["kernel"][0]).copy()
+    from jaxmed.pruning.masks import apply_masks
+    setup, state = subnetworks.init(env, selection)
+    programs = subnetworks.train_step._cache_size()
+    state = subnetworks.train_task(env, setup, state, 0, str(tmp_path / "t0"))
+    before = jax.tree.map(np.copy, subnetworks.subset(state.backbone,
+                                                       subnetworks.is_shared_kernel))
+    owner0 = jax.tree.map(lambda o: o == 0, state.owner)
+    bn0, stats0 = jax.tree.map(lambda x: np.copy(x[0]), (state.task_bn, state.task_stats))
+    head0 = np.asarray(state.heads["kernel"][0]).copy()
     images = next(iter(env.batches(env.tasks[0].splits["test"])))["image"]
-    logits0 = np.asarray(learner.all_logits(images))[:, 0]
+    packnet = selection == "packnet"
+
+    def logits(s, axis="map"):
+        return np.asarray(subnetworks.all_logits(env.replicate(s), images, model=setup.model,
+                                                 task_axis=axis, packnet=packnet))
+
+    logits0 = logits(state)[:, 0]
     assert sum(int(np.sum(o)) for o in jax.tree.leaves(owner0)) > 0
 
-    learner.train_task(1, env.tasks[1], str(tmp_path / "t1"))
-    after = learner.backbone
+    state = subnetworks.train_task(env, setup, state, 1, str(tmp_path / "t1"))
+    after = subnetworks.subset(state.backbone, subnetworks.is_shared_kernel)
     changed_free = []
 
     def check(o, a, b):
-        if o is not None:
-            np.testing.assert_array_equal(np.asarray(b)[o], np.asarray(a)[o])  # bitwise
-            changed_free.append(int(np.sum(np.asarray(b)[~o] != np.asarray(a)[~o])))
+        np.testing.assert_array_equal(np.asarray(b)[o], np.asarray(a)[o])  # bitwise
+        changed_free.append(int(np.sum(np.asarray(b)[~o] != np.asarray(a)[~o])))
 
-    jax.tree.map(check, owner0, before, after, is_leaf=lambda x: x is None)
+    jax.tree.map(check, owner0, before, after)
     # One program per loss (GCE, CE) for both phases of both tasks.
-    assert learner._step._cache_size() == (2 if selection == "bias" else 1)
+    assert subnetworks.train_step._cache_size() - programs == (2 if selection == "bias" else 1)
     assert len(changed_free) > 5 and sum(changed_free) > 0  # task 1 did train something
-    for k in bn0:
-        np.testing.assert_array_equal(learner.task_bn[0][k], bn0[k])
-    jax.tree.map(np.testing.assert_array_equal, learner.task_stats[0], stats0)
-    np.testing.assert_array_equal(learner.heads["kernel"][0], head0)
-    np.testing.assert_array_equal(np.asarray(learner.all_logits(images))[:, 0], logits0)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(lambda x: x[0], state.task_bn), bn0)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(lambda x: x[0], state.task_stats),
+                 stats0)
+    np.testing.assert_array_equal(state.heads["kernel"][0], head0)
+    np.testing.assert_array_equal(logits(state)[:, 0], logits0)
     if selection == "bias":  # never empties a unit group; task 1 owns new units
         for t in (0, 1):
-            assert all(m.sum() >= 1 for m in learner.channel[t].values())
-        report = learner.mask_report()
+            assert all(m[t].sum() >= 1 for m in subnetworks.units_of(state.channel).values())
+        report = subnetworks.mask_report(state, selection)
         assert report["owned"][1] > 0 and report["kept"][0] < report["total"]
         # All subnetworks in one program ('vmap' and 'map' over tasks) equal each task's own
         # masked forward pass.
         from jaxmed.data import augment
-        from jaxmed.pruning.masks import apply_masks
         x = augment.normalize(jnp.asarray(images))
         cmask = continual.class_mask(env.tasks, env.num_tasks, env.max_classes)
         for t in (0, 1):
-            p = apply_masks(learner._with_bn(learner.backbone, learner.task_bn[t]),
-                            learner._fwd_mask(t))
-            _, f = learner.model.apply({"params": p, "batch_stats": learner.task_stats[t]}, x,
-                                       train=False, features=True)
-            want = np.asarray(f, np.float32) @ np.asarray(learner.heads["kernel"][t]) + \
-                np.asarray(learner.heads["bias"][t])
+            at = lambda tree: jax.tree.map(lambda v: v[t], tree)  # noqa: E731
+            p = apply_masks(subnetworks.with_bn(state.backbone, at(state.task_bn)),
+                            subnetworks.task_masks(state.backbone, at(state.channel),
+                                                   state.owner, t, False))
+            _, f = setup.model.apply({"params": p, "batch_stats": at(state.task_stats)}, x,
+                                     train=False, features=True)
+            want = np.asarray(f, np.float32) @ np.asarray(state.heads["kernel"][t]) + \
+                np.asarray(state.heads["bias"][t])
             for axis in ("vmap", "map"):
-                learner.task_axis, learner._stacked = axis, None
-                learner._logits = jax.jit(learner._all_logits)
-                got = np.asarray(learner.all_logits(images))[:, t]
+                got = logits(state, axis)[:, t]
                 np.testing.assert_allclose(got[:, cmask[t]], want[:, cmask[t]], rtol=1e-4,
                                            atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["ewc", "lwf"])
 def test_shared_baselines_compile_each_step_once(env, tmp_path, kind):
-    from jaxmed.methods import continual_baselines
-    learner = continual_baselines.LEARNERS[kind](env)
-    for t, task in enumerate(env.tasks):
-        learner.train_task(t, task, str(tmp_path / f"t{t}"))
-    assert learner._step._cache_size() == 1
+    setup, state = baselines.init(env, kind)
+    programs = baselines.train_step._cache_size()
+    for t in range(env.num_tasks):
+        state = baselines.train_task(env, setup, state, t, str(tmp_path / f"t{t}"))
+    assert baselines.train_step._cache_size() - programs == 1
     if kind == "ewc":
-        assert sum(float(np.sum(f)) for f in jax.tree.leaves(learner.fisher)) > 0
+        assert sum(float(np.sum(f)) for f in jax.tree.leaves(state.fisher)) > 0
 
 
 def test_channel_ownership_rule():
-    model = biaspruner.supervised.build_model(
-        biaspruner.default_config().model, 2)  # resnet56
+    from jaxmed.train import build
+    model = build.build_model(biaspruner.default_config().model, 2)  # resnet56
     v = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
     params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), v["params"])
     units = structured.resnet_units(params)
     channel = {u.name: np.arange(u.width) % 2 == 0 for u in units}
-    keep = biaspruner.kept_weights(params, channel)
+    keep = subnetworks.kept_weights(params, channel)
     assert keep["conv1"]["kernel"].all()  # the stem has no unit: always kept
     k1 = keep["layer1_0"]["conv1"]["kernel"]
     k2 = keep["layer1_0"]["conv2"]["kernel"]
@@ -208,9 +229,8 @@ def test_channel_ownership_rule():
 
 # ---------------------------------------------------------------------------- end to end
 def test_comparison_end_to_end(tmp_path):
-    from configs import biaspruner_quick
-    cfg = biaspruner_quick.get_config("tiny")
-    cfg.continual.methods = "biaspruner,packnet,finetune,joint,ewc,lwf"
+    cfg = _config("quick", "tiny")
+    cfg.continual.methods = ("biaspruner", "packnet", "finetune", "joint", "ewc", "lwf")
     result = biaspruner.train_and_evaluate(cfg, str(tmp_path))
     for m in ("biaspruner", "packnet", "finetune", "joint", "ewc", "lwf"):
         assert 0 <= result[f"{m}/acc"] <= 1 and f"{m}/eodd" in result
@@ -222,15 +242,15 @@ def test_comparison_end_to_end(tmp_path):
     res = json.load(open(tmp_path / "biaspruner" / "results.json"))
     assert np.isnan(res["agnostic"][0][1])  # task 1 not evaluated before it is learned
     # A re-run resumes every finished task instead of retraining it.
-    stamp = os.path.getmtime(tmp_path / "biaspruner" / "task_1.npz")
+    saved = tmp_path / "biaspruner" / "tasks" / "2"  # orbax: the state after task 1
+    stamp = os.path.getmtime(saved)
     again = biaspruner.train_and_evaluate(cfg, str(tmp_path))
-    assert os.path.getmtime(tmp_path / "biaspruner" / "task_1.npz") == stamp
+    assert os.path.getmtime(saved) == stamp
     assert again["biaspruner/acc"] == pytest.approx(result["biaspruner/acc"])
 
 
 def test_unknown_sensitive_attribute_fails_naming_the_key(tmp_path):
-    from configs import biaspruner_quick
-    cfg = biaspruner_quick.get_config("tiny")
+    cfg = _config("quick", "tiny")
     cfg.continual.sensitive_attr = "skin_type"
     with pytest.raises(ValueError, match=r"sensitive_attr='skin_type'.*\['bias'\]"):
         biaspruner.train_and_evaluate(cfg, str(tmp_path))
@@ -239,7 +259,7 @@ def test_unknown_sensitive_attribute_fails_naming_the_key(tmp_path):
 def test_report_verdicts_weigh_sampling_noise():
     """A 0.01 lead on 200 test images is noise; a 0.2 lead is not; chance-level selection is
     called out."""
-    from jaxmed.methods import continual_report
+    from jaxmed.methods.biaspruner import report as continual_report
 
     def res(acc, aware, eodd, sel):
         return {"summary": {"acc": acc, "aware_acc": aware, "eodd": eodd,
@@ -262,7 +282,6 @@ def test_report_verdicts_weigh_sampling_noise():
 
 def test_tasks_from_reference_split_files(shared_dir, tmp_path):
     """Fitzpatrick's biased and flipped reference splits as a two-task sequence."""
-    from configs import biaspruner_fitzpatrick
     from jaxmed.data.datasets.skin import biased_split_files
     from tests.data_helpers import csv_rows, head_file, write_image
 
@@ -274,11 +293,32 @@ def test_tasks_from_reference_split_files(shared_dir, tmp_path):
             for i, r in enumerate(csv_rows(local)):
                 write_image(str(tmp_path / "img" / (r["md5hash"] + ".jpg")), i)
         files.append(str(tmp_path / "splits" / name))
-    cfg = biaspruner_fitzpatrick.get_config()
+    cfg = _config("fitzpatrick")
     cfg.data.root = str(tmp_path / "img")
-    cfg.continual.task_split_files = "|".join(files)
+    cfg.continual.task_split_files = tuple(files)
     tasks, info = continual.build_tasks(cfg)
     assert [t.class_ids for t in tasks] == [[0, 1], [0, 1]]  # same classes: shared ids
     rec = tasks[1].splits["test"][0]
     assert rec["attrs"]["task"] == 1 and "skin_group" in rec["attrs"]
     assert len(tasks[0].splits["train"]) == 12
+
+
+def test_eight_devices_match_one_device(tmp_path):
+    """Task-agnostic inference on 8 (fake CPU) devices: the batches fed to the jitted inference
+    are sharded over all 8, the subnetworks replicated, and predictions, logits and accuracies
+    equal those on one device; one program per mesh."""
+    out = tmp_path / "sharded.npz"
+    run_python(["tests/scripts/biaspruner_sharded_inference.py", str(out)], devices=8)
+    z = np.load(out)
+    assert int(z["devices"]) == 8
+    assert set(z["all_image_devices"]) == {8} and set(z["all_image_spec"]) == {"P('data',)"}
+    assert set(z["all_state_devices"]) == {8} and z["all_state_replicated"].all()
+    assert set(z["one_image_devices"]) == {1}
+    for k in ("task", "pred", "index"):
+        np.testing.assert_array_equal(z[f"all_{k}"], z[f"one_{k}"])
+    assert len(set(z["all_task"])) == 2 and len(set(z["all_pred"])) == 2  # not degenerate
+    np.testing.assert_allclose(z["all_logits"], z["one_logits"], rtol=1e-4, atol=1e-4)
+    for k in z.files:
+        if k.startswith("all_aware_") or k.startswith("all_acc_"):
+            np.testing.assert_array_equal(z[k], z["one_" + k[4:]])
+    assert int(z["compiles"]) == 2 and int(z["logit_compiles"]) == 2

@@ -1,4 +1,4 @@
-"""Model zoo: output conventions, bf16 compute with float32 params, capture, widths."""
+"""Model zoo: output conventions, bf16 compute with float32 params, sown intermediates, widths."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxmed.models import create_model
+from jaxmed.models.common import sown
 
 
 @pytest.mark.parametrize("name, kw, size, n_acts, n_feats", [
@@ -21,18 +22,21 @@ def test_output_conventions(name, kw, size, n_acts, n_feats):
     model = create_model(name, 3, **kw)
     x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-    logits, feats, acts = jax.eval_shape(
-        lambda v, x: model.apply(v, x, features=True, capture=True), variables, x)
+    assert "intermediates" not in variables  # init never keeps the sown activations
+    (logits, feats), inter = jax.eval_shape(
+        lambda v, x: model.apply(v, x, features=True, mutable=["intermediates"]), variables, x)
+    acts = sown(inter["intermediates"])
     assert logits.shape == (2, 3) and feats.shape == (2, n_feats)
     assert len(acts) == n_acts and all(a.shape[0] == 2 for a in acts.values())
     assert jax.eval_shape(model.apply, variables, x).shape == (2, 3)
 
 
-def test_capture_returns_post_relu_units_without_changing_logits():
+def test_sown_post_relu_units_without_changing_logits():
     model = create_model("resnet8", 3, width=4)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
     variables = model.init(jax.random.PRNGKey(0), x)
-    logits, acts = model.apply(variables, x, capture=True)
+    logits, inter = model.apply(variables, x, mutable=["intermediates"])
+    acts = sown(inter["intermediates"])
     assert sorted(acts) == ["layer1_0/conv1", "layer2_0/conv1", "layer3_0/conv1"]
     assert acts["layer2_0/conv1"].shape == (2, 8, 8, 8)
     assert all(float(a.min()) == 0.0 and float(a.max()) > 0 for a in acts.values())
@@ -44,8 +48,8 @@ def test_bfloat16_compute_keeps_float32_params():
     x = jnp.ones((2, 16, 16, 3))
     variables = model.init(jax.random.PRNGKey(0), x)
     assert {p.dtype for p in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
-    logits, acts = model.apply(variables, x, capture=True)
-    assert acts["layer1_0/conv1"].dtype == jnp.bfloat16
+    logits, inter = model.apply(variables, x, mutable=["intermediates"])
+    assert sown(inter["intermediates"])["layer1_0/conv1"].dtype == jnp.bfloat16
     assert logits.dtype == jnp.float32  # logits come back in float32
 
 

@@ -1,6 +1,7 @@
 """AlexNet in flax.linen, torchvision's variant (64-192-384-256-256 convs, adaptive 6x6 pool,
 4096-4096 classifier with dropout). Module names follow torchvision's indices
-(`features_0`, `classifier_6`) for checkpoint conversion."""
+(`features_0`, `classifier_6`) for checkpoint conversion. Each conv's post-ReLU output is sown
+into `intermediates` (`features_0`, ...)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxmed.models.common import conv, dense, pack_outputs
+from jaxmed.models.common import conv, dense, outputs, sow_activation
 
 
 def adaptive_avg_pool(x, out_hw: tuple[int, int]):
@@ -33,16 +34,14 @@ class AlexNet(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool = False, features: bool = False, capture: bool = False):
+    def __call__(self, x, train: bool = False, features: bool = False):
         x = jnp.asarray(x, self.dtype)
-        acts = {} if capture else None
         plan = [(0, 64, 11, 4, 2, True), (3, 192, 5, 1, 2, True), (6, 384, 3, 1, 1, False),
                 (8, 256, 3, 1, 1, False), (10, 256, 3, 1, 1, True)]
         for idx, ch, k, s, p, pool in plan:
             x = nn.relu(conv(ch, k, s, padding=p, use_bias=True, name=f"features_{idx}",
                              dtype=self.dtype)(x))
-            if capture:
-                acts[f"features_{idx}"] = x
+            sow_activation(self, f"features_{idx}", x)
             if pool:
                 x = nn.max_pool(x, (3, 3), strides=(2, 2))
         x = adaptive_avg_pool(x, (6, 6))
@@ -53,8 +52,7 @@ class AlexNet(nn.Module):
             x = nn.relu(dense(4096, name=f"classifier_{idx}", dtype=self.dtype)(x))
         feats = x
         logits = dense(self.num_classes, name="classifier_6", dtype=self.dtype)(x)
-        return pack_outputs(logits.astype(jnp.float32), feats.astype(jnp.float32), acts,
-                            features, capture)
+        return outputs(logits.astype(jnp.float32), feats.astype(jnp.float32), features)
 
 
 def alexnet(**kw):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -32,12 +33,23 @@ def dense(features: int, *, name: str, dtype: Any) -> nn.Dense:
     return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-def pack_outputs(logits, feats, acts, features: bool, capture: bool):
-    """Every model returns `logits`, `(logits, feats)`, `(logits, acts)` or
-    `(logits, feats, acts)` depending on the `features` / `capture` flags."""
-    out = (logits,)
-    if features:
-        out += (feats,)
-    if capture:
-        out += (acts,)
-    return out[0] if len(out) == 1 else out
+def outputs(logits, feats, features: bool):
+    """Every model returns `logits`, or `(logits, feats)` with `features=True`. Intermediate
+    activations are never returned: models `sow` them into the `intermediates` collection."""
+    return (logits, feats) if features else logits
+
+
+ACT = "_act"  # sown names: a module cannot sow under its own submodule's name ('conv1')
+
+
+def sow_activation(module: nn.Module, name: str, value) -> None:
+    """Sow the activation of the layer `name` (e.g. the post-ReLU output of `conv1`)."""
+    module.sow("intermediates", name + ACT, value)
+
+
+def sown(intermediates) -> dict:
+    """The `intermediates` collection of `model.apply(..., mutable=["intermediates"])` as
+    {'layer1_0/conv1': activation}: module path joined by '/', named for the layer that made
+    it (each sown tuple holds one value per call; models call each module once)."""
+    flat = flax.traverse_util.flatten_dict(dict(intermediates), sep="/")
+    return {k.removesuffix(ACT): v[-1] for k, v in flat.items()}

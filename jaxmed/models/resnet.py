@@ -6,9 +6,11 @@ convert by name (`convert.py`) and pruning units read like the papers' code. Eve
 its own inner width(s), so a channel-pruned network compacts into a smaller instance of the same
 class (`jaxmed.pruning.structured`).
 
-Outputs: `logits`; with `features=True` also the penultimate (pooled) features; with
-`capture=True` also a dict of post-ReLU activations of every prunable conv (the inner convs of
-each block: they can lose channels without breaking a residual sum), keyed `layer1_0/conv1`.
+Outputs: `logits`, or `(logits, features)` with `features=True` (the penultimate, pooled
+features): nothing else changes the returned structure. The post-ReLU activations of every
+prunable conv (the inner convs of each block: they can lose channels without breaking a residual
+sum) are sown into the `intermediates` collection; read them with
+`model.apply(..., mutable=["intermediates"])` and `common.sown(...)`, keyed `layer1_0/conv1`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxmed.models.common import batch_norm, conv, dense, pack_outputs
+from jaxmed.models.common import batch_norm, conv, dense, outputs, sow_activation
+
 
 class BasicBlock(nn.Module):
     """3x3 -> 3x3 block; `inner` is the width of conv1 (the prunable unit)."""
@@ -30,12 +33,11 @@ class BasicBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool, acts: dict | None):
+    def __call__(self, x, train: bool):
         (inner,) = self.inner
         y = conv(inner, 3, self.stride, name="conv1", dtype=self.dtype)(x)
         y = nn.relu(batch_norm(train, name="bn1", dtype=self.dtype)(y))
-        if acts is not None:
-            acts["conv1"] = y
+        sow_activation(self, "conv1", y)
         y = conv(self.out, 3, name="conv2", dtype=self.dtype)(y)
         y = batch_norm(train, name="bn2", dtype=self.dtype)(y)
         return nn.relu(y + self._shortcut(x, train))
@@ -61,16 +63,14 @@ class Bottleneck(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool, acts: dict | None):
+    def __call__(self, x, train: bool):
         w1, w2 = self.inner
         y = conv(w1, 1, name="conv1", dtype=self.dtype)(x)
         y = nn.relu(batch_norm(train, name="bn1", dtype=self.dtype)(y))
-        if acts is not None:
-            acts["conv1"] = y
+        sow_activation(self, "conv1", y)
         y = conv(w2, 3, self.stride, name="conv2", dtype=self.dtype)(y)
         y = nn.relu(batch_norm(train, name="bn2", dtype=self.dtype)(y))
-        if acts is not None:
-            acts["conv2"] = y
+        sow_activation(self, "conv2", y)
         y = conv(self.out, 1, name="conv3", dtype=self.dtype)(y)
         y = batch_norm(train, name="bn3", dtype=self.dtype)(y)
         if self.stride != 1 or x.shape[-1] != self.out:
@@ -102,37 +102,41 @@ class ResNet(nn.Module):
             widths += [(w,) if self.block == "basic" else (w, w)] * n
         return widths
 
-    @nn.compact
-    def __call__(self, x, train: bool = False, features: bool = False, capture: bool = False):
+    def trunk(self, x, train: bool) -> list:
+        """[stem output (after its ReLU, before the ImageNet stem's max-pool), stage 1 output,
+        ..., last stage output]; called inside a compact method (the head, a U-Net encoder)."""
         x = jnp.asarray(x, self.dtype)
         if self.stem == "imagenet":
             x = conv(self.width, 7, 2, name="conv1", dtype=self.dtype)(x)
             x = nn.relu(batch_norm(train, name="bn1", dtype=self.dtype)(x))
+            outs = [x]
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         else:
             x = conv(self.width, 3, 1, name="conv1", dtype=self.dtype)(x)
             x = nn.relu(batch_norm(train, name="bn1", dtype=self.dtype)(x))
+            outs = [x]
         inner = list(self.inner_widths or self.default_inner_widths())
         if len(inner) != sum(self.stage_sizes):
             raise ValueError(f"inner_widths has {len(inner)} blocks, the ResNet has "
                              f"{sum(self.stage_sizes)}")
         block_cls = BasicBlock if self.block == "basic" else Bottleneck
         expansion = 1 if self.block == "basic" else 4
-        acts = {} if capture else None
         b = 0
         for s, n in enumerate(self.stage_sizes):
             for i in range(n):
                 stride = 2 if s > 0 and i == 0 else 1
-                name = f"layer{s + 1}_{i}"
-                block_acts = {} if capture else None
                 x = block_cls(tuple(inner[b]), self.width * 2**s * expansion, stride,
-                              self.shortcut, self.dtype, name=name)(x, train, block_acts)
-                if capture:
-                    acts.update({f"{name}/{k}": v for k, v in block_acts.items()})
+                              self.shortcut, self.dtype, name=f"layer{s + 1}_{i}")(x, train)
                 b += 1
+            outs.append(x)
+        return outs
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, features: bool = False):
+        x = self.trunk(x, train)[-1]
         feats = jnp.mean(x, axis=(1, 2))
         logits = dense(self.num_classes, name="fc", dtype=self.dtype)(feats).astype(jnp.float32)
-        return pack_outputs(logits, feats.astype(jnp.float32), acts, features, capture)
+        return outputs(logits, feats.astype(jnp.float32), features)
 
 
 def resnet18(**kw):

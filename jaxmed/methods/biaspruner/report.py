@@ -7,11 +7,10 @@ import os
 
 import numpy as np
 
-from jaxmed.methods.report_files import plt, save_figure, write_csv
+from jaxmed.report import new_figure, save_figure, write_csv, write_markdown
 
 SUMMARY = ["acc", "bwt", "forgetting", "aware_acc", "task_selection", "eopp0", "eopp1", "eodd",
            "dp_ratio"]
-
 
 
 def _heatmap(ax, m, title):
@@ -43,14 +42,14 @@ def write_report(d: str, results: dict, tasks) -> None:
                        ["after_task", *[f"task{j}" for j in range(len(tasks))]],
                        [[i, *row] for i, row in enumerate(results[m][kind])])
 
-    fig, axes = plt.subplots(2, len(methods), figsize=(3.2 * len(methods), 6.2), squeeze=False)
+    fig, axes = new_figure(2, len(methods), figsize=(3.2 * len(methods), 6.2), squeeze=False)
     for k, m in enumerate(methods):
         _heatmap(axes[0, k], results[m]["agnostic"], f"{m}\ntask-agnostic")
         _heatmap(axes[1, k], results[m]["aware"], f"{m}\ntask-aware")
     fig.suptitle("Accuracy matrices R[i, j]: after task i, on task j")
     save_figure(fig, os.path.join(d, "accuracy_matrices.png"), dpi=110)
 
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(methods), 3.6))
+    fig, ax = new_figure(figsize=(1.2 + 1.1 * len(methods), 3.6))
     x = np.arange(len(methods))
     ax.bar(x - 0.2, [results[m]["summary"]["acc"] for m in methods], 0.4, label="final ACC")
     ax.bar(x + 0.2, [results[m]["summary"]["eodd"] for m in methods], 0.4, label="EOdd (sum)")
@@ -133,5 +132,4 @@ def _markdown(d, results, methods, mask_rows, num_test: int):
         lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in mask_rows]
     lines += ["", "Files: comparison.csv, fairness.csv, accuracy_matrix_<method>_<kind>.csv, "
               "subnetworks.csv, accuracy_matrices.png, acc_vs_eodd.png."]
-    with open(os.path.join(d, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_markdown(os.path.join(d, "report.md"), lines)

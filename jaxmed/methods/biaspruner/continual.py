@@ -1,19 +1,22 @@
 """The continual-learning frame BiasPruner and its baselines share: task streams, per-task
 heads, training phases on the shared loop, task-agnostic evaluation, the accuracy matrix,
-fairness, resume per task, and the report.
+fairness, resume per task (orbax), and the driver.
 
-Setting: T tasks in sequence, each with its own head (`heads`: [T_max, features, C_max],
-classes beyond a task's own masked out). Task-agnostic inference runs every stored task's
-head (and, for subnetwork learners, its subnetwork), picks the task whose prediction has the
-lowest entropy divided by log(number of its classes), and predicts that task's class; a
-prediction is right when its (global) class is the sample's. Task-aware accuracy uses the
-sample's own task. Fairness is measured on each task's test set with its own head (task-aware):
-it asks whether a task's predictor is debiased, separately from task selection, which is
-reported as task-selection accuracy.
+Setting: T tasks in sequence, each with its own head (`heads`: [T, features, C_max], classes
+beyond a task's own masked out by `cmask` [T, C_max]). Task-agnostic inference runs every
+stored task's head (and, for subnetwork methods, its subnetwork), picks the task whose
+prediction has the lowest entropy divided by log(number of its classes), and predicts that
+task's class; a prediction is right when its (global) class is the sample's. Task-aware accuracy
+uses the sample's own task. Fairness is measured on each task's test set with its own head
+(task-aware): it asks whether a task's predictor is debiased, separately from task selection,
+which is reported as task-selection accuracy.
 
-A learner is built from an `Env` and implements `train_task(t, task, workdir)`,
-`all_logits(images) -> [B, T_max, C_max]` (jitted, one compile whatever the number of stored
-tasks) and `state()` / `load(state)` (arrays saved after every task: a re-run resumes there).
+A method is a `Method` record of plain functions over a pytree state (no object holds or jits
+anything): `build(env) -> (setup, state)` (setup: the static values its jitted functions take,
+e.g. the model and optimizer), `train_task(env, setup, state, t, workdir) -> state`, and
+`predict(setup, state, batch, valid_tasks) -> decide(...)`, one jitted function over a global
+batch, run by `jaxmed.train.evaluate.predict`. The state is saved through orbax after every
+task (`workdir/<method>/tasks/<t + 1>`): a re-run resumes there.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import logging
 import os
 from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -37,9 +39,13 @@ from jaxmed import metrics
 from jaxmed.data.pipeline import Preprocess, eval_batches, split_by_class_groups, train_stream
 from jaxmed.data.sources import source_labels
 from jaxmed.methods import supervised
+from jaxmed.methods.biaspruner import report
 from jaxmed.train import sharding
+from jaxmed.train.checkpoint import Checkpointer
+from jaxmed.train.evaluate import predict as predict_sharded
 from jaxmed.train.loop import LoopSettings, train_loop
 from jaxmed.train.state import TrainState
+from jaxmed.train.workdir import write_config
 from jaxmed.train.writers import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -50,10 +56,10 @@ def default_config() -> ml_collections.ConfigDict:
     c = supervised.default_config()
     c.method = "biaspruner"
     c.continual = ml_collections.ConfigDict(dict(
-        tasks="0,1|2,3",  # class groups of one dataset, '|' between tasks
-        task_split_files="",  # or one reference split file per task, '|' between tasks
-        methods="biaspruner",  # any of biaspruner, biaspruner_magnitude, packnet, finetune,
-        # joint, ewc, lwf (comma-separated): all run on the same tasks, compared in the report
+        tasks=((0, 1), (2, 3)),  # class groups of one dataset, one tuple per task
+        task_split_files=(),  # or one reference split file per task
+        methods=("biaspruner",),  # any of biaspruner, biaspruner_magnitude, packnet,
+        # finetune, joint, ewc, lwf: all run on the same tasks, compared in the report
         sensitive_attr="bias",  # attribute for fairness (synthetic: 'bias'; fitz: skin_group;
         # '' = none: fairness metrics are NaN)
         positive_class=1,  # within-task label counted as positive for TPR / FPR
@@ -124,12 +130,17 @@ class Task:
         return len(self.class_ids)
 
 
+def split_files(cc) -> list[str]:
+    return [f.strip() for f in cc.task_split_files if f.strip()]
+
+
 def build_tasks(config) -> tuple[list[Task], data_lib.DatasetInfo]:
     cc = config.continual
-    if cc.task_split_files:
+    files = split_files(cc)
+    if files:
         tasks, names = [], []
         info = None
-        for t, path in enumerate(f.strip() for f in cc.task_split_files.split("|")):
+        for t, path in enumerate(files):
             dcfg = copy.deepcopy(config.data)
             dcfg.split_file = path
             ds = data_lib.build(dcfg)
@@ -146,11 +157,11 @@ def build_tasks(config) -> tuple[list[Task], data_lib.DatasetInfo]:
     ds = data_lib.build(config.data)
     if ds.info.multi_label:
         raise ValueError("continual tasks by class groups need single-label data")
-    groups = [[int(c) for c in g.split(",")] for g in cc.tasks.split("|")]
+    groups = [[int(c) for c in g] for g in cc.tasks]
     bad = [c for g in groups for c in g if not 0 <= c < ds.info.num_classes]
-    if bad:
-        raise ValueError(f"config.continual.tasks names classes {bad} outside the dataset's "
-                         f"{ds.info.num_classes} classes")
+    if bad or not groups:
+        raise ValueError(f"config.continual.tasks={cc.tasks!r} names classes {bad} outside the "
+                         f"dataset's {ds.info.num_classes} classes (or no task)")
     per_split = {s: split_by_class_groups(ds[s], groups) for s in ds.splits}
     tasks = []
     for t, g in enumerate(groups):
@@ -187,11 +198,13 @@ def pick(per_task, task_ids):
 # ----------------------------------------------------------------------------- training
 @dataclasses.dataclass
 class Env:
-    """What every learner needs: the config, the tasks and the data's shape."""
+    """What every method needs: the config (host side only), the tasks, the data's shape and
+    the mesh everything runs on."""
 
     config: Any
     tasks: list[Task]
     info: data_lib.DatasetInfo
+    mesh: Any = dataclasses.field(default_factory=sharding.make_mesh)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -206,6 +219,10 @@ class Env:
     def max_classes(self) -> int:
         return max(t.num_classes for t in self.tasks)
 
+    @property
+    def cmask(self) -> np.ndarray:
+        return class_mask(self.tasks, self.num_tasks, self.max_classes)
+
     @functools.cached_property
     def index_bound(self) -> int:
         """1 + the largest stable record index of any task's training set: the size of
@@ -219,22 +236,21 @@ class Env:
         return Preprocess(size, channels, chain, seed, self.config.data.on_error)
 
     def batches(self, source, batch_size: int | None = None):
-        """Every sample of `source` once, unaugmented, in order (padding marked invalid)."""
+        """This process's share of every sample of `source` once, unaugmented, in order
+        (padding marked invalid): feed to `jaxmed.train.evaluate.predict`."""
         return eval_batches(source, global_batch=batch_size or self.config.train.eval_batch_size,
                             preprocess=self.preprocess(seed=self.config.seed),
-                            num_workers=self.config.data.num_workers, process_index=0,
-                            process_count=1)
+                            num_workers=self.config.data.num_workers)
 
-    def jit_step(self, fn, **kw):
-        """jit a learner's train step with its state (and metrics) replicated on the mesh, so
-        every call of every phase and task hits the same compiled program."""
-        return jax.jit(fn, out_shardings=sharding.replicated(sharding.make_mesh()), **kw)
+    def replicate(self, tree):
+        """A host pytree placed replicated on the mesh (as the jitted steps return it)."""
+        return sharding.replicate(jax.device_get(tree), self.mesh)
 
 
 def run_phase(env: Env, workdir: str, state: TrainState, step: Callable, source, epochs: int,
               seed: int) -> TrainState:
-    """Train `epochs` epochs of `source` with `step(state, batch)` on the shared loop (with its
-    checkpoints and resume; no evaluation). Returns the final state."""
+    """Train `epochs` epochs of `source` with `step(state, global_batch)` on the shared loop
+    (with its checkpoints and resume; no evaluation). Returns the final state."""
     tcfg = env.config.train
     pre = env.preprocess(env.config.data.train_augment, seed)
 
@@ -245,13 +261,11 @@ def run_phase(env: Env, workdir: str, state: TrainState, step: Callable, source,
     settings = LoopSettings(epochs=epochs, log_every=tcfg.log_every, eval_every=-1,
                             checkpoint_every=10**9, keep_checkpoints=1, progress=tcfg.progress)
     writer = MetricWriter(workdir, enabled=sharding.is_lead_process())
-    mesh = sharding.make_mesh()
-    state = jax.device_put(state, sharding.replicated(mesh))  # as the step returns it
     try:
-        state, _ = train_loop(workdir=workdir, settings=settings, state=state, train_step=step,
-                              make_stream=make_stream, evaluate=lambda s, split: {},
-                              mesh=mesh, writer=writer, eval_splits=(),
-                              final_split="", global_batch=tcfg.batch_size)
+        state, _ = train_loop(workdir=workdir, settings=settings, state=env.replicate(state),
+                              train_step=step, make_stream=make_stream,
+                              evaluate=lambda s, split: {}, mesh=env.mesh, writer=writer,
+                              eval_splits=(), final_split="", global_batch=tcfg.batch_size)
     finally:
         writer.close()
     return state
@@ -275,6 +289,24 @@ def select_task(logits, cmask, valid_tasks):
     return jnp.argmin(jnp.where(valid_tasks[None], ent, jnp.inf), axis=-1)
 
 
+def decide(logits, cmask, valid_tasks) -> dict:
+    """Traced inside each method's jitted `predict`: the selected task, its within-task
+    prediction, and every task's own prediction (task-aware) [B, T]."""
+    task = select_task(logits, cmask, valid_tasks)
+    return {"task": task, "pred": jnp.argmax(pick(logits, task), -1),
+            "per_task": jnp.argmax(logits, -1)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A continual method as plain functions (see the module docstring)."""
+
+    build: Callable[[Env], tuple[Any, Any]]
+    train_task: Callable[..., Any]
+    predict: Callable[..., dict]
+    mask_report: Callable[[Any], dict] | None = None
+
+
 @dataclasses.dataclass
 class TaskEval:
     agnostic_acc: float
@@ -285,92 +317,91 @@ class TaskEval:
     aware_pred: np.ndarray
 
 
-def evaluate(env: Env, learner, upto: int, split: str = "test") -> list[TaskEval]:
-    """Every task 0..upto on `split`, with tasks 0..upto stored."""
+def evaluate(env: Env, method: Method, setup, state, upto: int,
+             split: str = "test") -> list[TaskEval]:
+    """Every task 0..upto on `split`, with tasks 0..upto stored: one sharded pass per task
+    (`jaxmed.train.evaluate.predict`: all devices of all processes, one fetch per pass)."""
     cc = env.config.continual
     tasks, t_max = env.tasks, env.num_tasks
-    cmask = jnp.asarray(class_mask(tasks, t_max, env.max_classes))
-    valid = jnp.arange(t_max) <= upto
+    valid = sharding.replicate(np.arange(t_max) <= upto, env.mesh)
     class_ids = np.full((t_max, env.max_classes), -1)
     for t in tasks:
         class_ids[t.id, : t.num_classes] = t.class_ids
+    fn = functools.partial(method.predict, setup, state, valid_tasks=valid)
     out = []
     for task in tasks[: upto + 1]:
-        sel_all, pred_local, y_all, attr_all, aware_all = [], [], [], [], []
-        for b in env.batches(task.splits[split]):
-            logits = learner.all_logits(b["image"])  # [B, T, C]
-            sel = np.asarray(select_task(logits, cmask, valid))
-            keep = np.asarray(b["valid"], bool)
-            lg = np.asarray(logits)
-            pred_local.append(np.argmax(lg[np.arange(len(sel)), sel], -1)[keep])
-            sel_all.append(sel[keep])
-            aware_all.append(np.argmax(lg[:, task.id], -1)[keep])
-            y_all.append(np.asarray(b["label"])[keep])
-            attr_all.append(np.asarray(b["attrs"].get(cc.sensitive_attr,
-                                                      np.full(len(sel), -1)))[keep])
-        sel, pl, y, aware = (np.concatenate(v) for v in (sel_all, pred_local, y_all, aware_all))
-        attr = np.concatenate(attr_all)
-        pred_global = class_ids[sel, pl]
-        true_global = np.asarray(task.class_ids)[y]
-        out.append(TaskEval(float(np.mean(pred_global == true_global)), float(np.mean(aware == y)),
+        r = predict_sharded(fn, env.batches(task.splits[split]), env.mesh,
+                            keys=("index", "label", "attrs"))
+        sel, y = r["task"], r["label"]
+        aware = r["per_task"][:, task.id]
+        attr = r["attrs"].get(cc.sensitive_attr, np.full(len(y), -1))
+        correct = class_ids[sel, r["pred"]] == np.asarray(task.class_ids)[y]
+        out.append(TaskEval(float(np.mean(correct)), float(np.mean(aware == y)),
                             float(np.mean(sel == task.id)),
                             metrics.fairness(y, aware, attr, cc.positive_class), y, aware))
     return out
 
 
 # ------------------------------------------------------------------------------- driver
-def run(config, workdir: str, learners: dict[str, Callable]) -> dict:
+def run(config, workdir: str, methods: dict[str, Method]) -> dict:
     """Run every method of config.continual.methods over the task sequence; report."""
-    from jaxmed.methods import continual_report
-
-    supervised.write_config(config, workdir)
+    write_config(config, workdir)
     tasks, info = build_tasks(config)
     attr = config.continual.sensitive_attr
     if attr and attr not in info.attr_names:
         raise ValueError(f"config.continual.sensitive_attr={attr!r} is not an attribute of "
                          f"{info.name}; its attributes: {info.attr_names} ('' skips fairness)")
+    names = [m.strip() for m in config.continual.methods if m.strip()]
+    unknown = [m for m in names if m not in methods]
+    if unknown or not names:
+        raise ValueError(f"config.continual.methods has unknown {unknown} (or none); known: "
+                         f"{sorted(methods)}")
     env = Env(config, tasks, info)
-    methods = [m.strip() for m in config.continual.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in learners]
-    if unknown:
-        raise ValueError(f"config.continual.methods has unknown {unknown}; known: "
-                         f"{sorted(learners)}")
+    sharding.check_global_batch(config.train.batch_size, env.mesh)
+    sharding.check_global_batch(config.train.eval_batch_size, env.mesh, key="eval_batch_size")
     writer = MetricWriter(workdir, enabled=sharding.is_lead_process())
     results = {}
     try:
-        for i, name in enumerate(methods):
-            results[name] = run_method(env, os.path.join(workdir, name), name, learners[name],
+        for i, name in enumerate(names):
+            results[name] = run_method(env, os.path.join(workdir, name), name, methods[name],
                                        writer, i)
     finally:
         writer.close()
     if sharding.is_lead_process():
-        continual_report.write_report(os.path.join(workdir, "report"), results, tasks)
+        report.write_report(os.path.join(workdir, "report"), results, tasks)
     return {f"{m}/{k}": v for m, r in results.items() for k, v in r["summary"].items()}
 
 
-def run_method(env: Env, workdir: str, name: str, make_learner, writer, m_index: int) -> dict:
-    """Train one method through the task sequence (resuming finished tasks from disk)."""
-    learner = make_learner(env)
+def run_method(env: Env, workdir: str, name: str, method: Method, writer, m_index: int) -> dict:
+    """Train one method through the task sequence, resuming finished tasks from their orbax
+    checkpoints (`workdir/tasks/<t + 1>`: the state after task t)."""
+    setup, state = method.build(env)
+    state = env.replicate(state)
     t_max = env.num_tasks
     agnostic = np.full((t_max, t_max), np.nan)
     aware = np.full((t_max, t_max), np.nan)
     selection = np.full((t_max, t_max), np.nan)
     evals = []
-    for t, task in enumerate(env.tasks):
-        done = os.path.join(workdir, f"task_{t}.npz")
-        if os.path.exists(done):
-            learner.load(load_tree(done))
-        else:
-            log.info("%s: task %d / %d", name, t + 1, t_max)
-            learner.train_task(t, task, os.path.join(workdir, f"task_{t}"))
-            if sharding.is_lead_process():
-                save_tree(done, learner.state())
-        evals = evaluate(env, learner, t)
-        for j, e in enumerate(evals):
-            agnostic[t, j], aware[t, j], selection[t, j] = (e.agnostic_acc, e.aware_acc,
-                                                            e.selection_acc)
-        writer.write(1000 * m_index + t, {f"test/{name}/acc_task{j}": e.agnostic_acc
-                                          for j, e in enumerate(evals)})
+    store = Checkpointer(os.path.join(workdir, "tasks"), keep=0, async_save=False)
+    try:
+        done = set(store.all_steps())
+        for t, task in enumerate(env.tasks):
+            if t + 1 in done:
+                state, _ = store.restore(t + 1, state)
+            else:
+                log.info("%s: task %d / %d", name, t + 1, t_max)
+                state = env.replicate(method.train_task(env, setup, state, t,
+                                                        os.path.join(workdir, f"task_{t}")))
+                store.save(t + 1, state, meta={"method": name, "task": t})
+                store.wait()
+            evals = evaluate(env, method, setup, state, t)
+            for j, e in enumerate(evals):
+                agnostic[t, j], aware[t, j], selection[t, j] = (e.agnostic_acc, e.aware_acc,
+                                                                e.selection_acc)
+            writer.write(1000 * m_index + t, {f"test/{name}/acc_task{j}": e.agnostic_acc
+                                              for j, e in enumerate(evals)})
+    finally:
+        store.close()
     summary = metrics.continual_summary(agnostic)
     summary.update({f"aware_{k}": v for k, v in metrics.continual_summary(aware).items()})
     summary["task_selection"] = float(np.nanmean(selection[-1]))
@@ -379,27 +410,11 @@ def run_method(env: Env, workdir: str, name: str, make_learner, writer, m_index:
         summary[k] = float(np.nanmean([f[k] for f in fair]))
     writer.write(1000 * m_index + t_max, {f"test/{name}/{k}": v for k, v in summary.items()})
     result = {"summary": summary, "agnostic": agnostic, "aware": aware, "selection": selection,
-              "fairness": fair, "masks": learner.mask_report() if hasattr(learner, "mask_report")
-              else None}
+              "fairness": fair,
+              "masks": method.mask_report(jax.device_get(state)) if method.mask_report else None}
     if sharding.is_lead_process():
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump({k: (v.tolist() if isinstance(v, np.ndarray) else v)
                        for k, v in result.items()}, f, indent=2, default=float)
     return result
-
-
-# ------------------------------------------------------------------------ persistence
-def save_tree(path: str, tree) -> None:
-    """A pytree of arrays (None leaves allowed) as one .npz, written atomically."""
-    flat = flax.traverse_util.flatten_dict(jax.device_get(tree), sep="/")
-    arrays = {k: np.asarray(v) for k, v in flat.items() if v is not None}
-    tmp = path + ".tmp.npz"
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
-def load_tree(path: str) -> dict:
-    with np.load(path) as z:
-        return flax.traverse_util.unflatten_dict({k: z[k] for k in z.files}, sep="/")

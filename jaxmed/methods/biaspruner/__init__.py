@@ -1,0 +1,56 @@
+"""BiasPruner (MICCAI 2024) and its continual-learning comparison, on the trainer kit.
+
+  continual.py    the frame: tasks, heads, phases on the shared loop, sharded task-agnostic
+                  evaluation, per-task orbax checkpoints, the driver
+  subnetworks.py  BiasPruner, its magnitude ablation and PackNet: per-task subnetworks as one
+                  stacked pytree and module-level jitted steps over it
+  baselines.py    fine-tune, joint, EWC, LwF on one shared network
+  report.py       comparison tables, accuracy-matrix heatmaps, verdicts
+
+Spec: ../shared/specs/biaspruner.md.
+"""
+
+from __future__ import annotations
+
+from jaxmed.methods.biaspruner import baselines, continual, subnetworks
+
+ALL_METHODS = ("biaspruner", "biaspruner_magnitude", "packnet", "finetune", "joint", "ewc",
+               "lwf")
+
+METHODS = {
+    "biaspruner": subnetworks.method("bias"),
+    "biaspruner_magnitude": subnetworks.method("magnitude"),
+    "packnet": subnetworks.method("packnet"),
+    **{k: baselines.method(k) for k in baselines.KINDS},
+}
+
+
+def default_config():
+    c = continual.default_config()
+    c.model.name = "resnet56"
+    return c
+
+
+def real_data_config(dataset: str, augment: str, epochs: int):
+    """The paper's setting on a real dataset: ImageNet-stem ResNet-18 at 224 px, Adam 1e-4
+    (default_config), batch 32, every method compared, `epochs` per phase."""
+    c = default_config()
+    c.data.name = dataset
+    c.data.image_size = 224
+    c.data.channels = 3
+    c.data.train_augment = augment
+    c.data.num_workers = 8
+    c.model.name = "resnet18"
+    c.model.stem = "imagenet"
+    c.train.batch_size = 32
+    c.train.eval_batch_size = 64
+    c.continual.methods = ALL_METHODS
+    c.continual.biased_epochs = c.continual.finetune_epochs = epochs
+    return c
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    return continual.run(config, workdir, METHODS)
+
+
+__all__ = ["ALL_METHODS", "METHODS", "default_config", "real_data_config", "train_and_evaluate"]
