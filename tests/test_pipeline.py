@@ -116,17 +116,17 @@ def test_continual_tasks_by_class_groups():
 # ---------------------------------------------------------------------------- augment
 def test_host_augmentations_keep_shape_and_are_seeded():
     x = SyntheticSource(SyntheticSpec(image_size=32))[0]["image"]
-    chain = augment.parse_chain("rrc(0.3)|flip|rotate(15)|translate(4)|randaugment(2,10)|cutout(8)")
-    a = augment.apply_chain(chain, x, np.random.default_rng(1))
-    b = augment.apply_chain(chain, x, np.random.default_rng(1))
-    c = augment.apply_chain(chain, x, np.random.default_rng(2))
+    chain = augment.parse_steps("rrc(0.3)|flip|rotate(15)|translate(4)|randaugment(2,10)|cutout(8)")
+    a = augment.apply_steps(chain, x, np.random.default_rng(1))
+    b = augment.apply_steps(chain, x, np.random.default_rng(1))
+    c = augment.apply_steps(chain, x, np.random.default_rng(2))
     assert a.shape == x.shape and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
-    gray = augment.apply_chain(chain, x[..., :1], np.random.default_rng(1))
+    gray = augment.apply_steps(chain, x[..., :1], np.random.default_rng(1))
     assert gray.shape == (32, 32, 1)
     with pytest.raises(ValueError, match="blur"):
-        augment.parse_chain("flip|blur(3)")
+        augment.parse_steps("flip|blur(3)")
 
 
 def test_randaugment_ops_all_run():

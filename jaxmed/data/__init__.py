@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any, Callable
 
 import ml_collections
 import numpy as np
 
-from jaxmed.data.images import ImageError
+from jaxmed.data.images import ImageError, decode_image
 from jaxmed.data.sources import DatasetInfo, TableSource, class_counts, source_labels
 from jaxmed.data.synthetic import SyntheticSource, SyntheticSpec
 
@@ -84,8 +85,15 @@ def register(name: str):
 def build(cfg, *, check_files: bool = True) -> Dataset:
     """Build the dataset a config names; unknown names fail listing the known ones.
 
-    Image files a table names but the disk lacks fail here, naming them (on_error='raise'), or
-    are dropped and counted (on_error='skip'); corrupt files surface when decoded."""
+    Checked here, before any training step (and cheaply: tables and folder listings, one
+    decode per split at most):
+      * an image file in two splits (or twice in one) fails naming it (`check_disjoint`);
+      * image files a table names but the disk lacks, in any split, fail naming them
+        (on_error='raise') or are dropped and counted (on_error='skip');
+      * with on_error='skip', a split left with no usable sample (every file missing or
+        unreadable) fails naming the split and the count skipped (`check_usable`).
+    Other corrupt files surface when decoded. `check_files=False` (the inspect CLI, which
+    verifies every file itself) skips the file checks, not the split check."""
     _load_adapters()
     if cfg.name not in BUILDERS:
         raise ValueError(f"config.data.name={cfg.name!r} is not a known dataset; known: "
@@ -93,29 +101,90 @@ def build(cfg, *, check_files: bool = True) -> Dataset:
     if cfg.on_error not in ("raise", "skip"):
         raise ValueError(f"config.data.on_error={cfg.on_error!r}: use 'raise' or 'skip'")
     ds = BUILDERS[cfg.name](cfg)
+    check_disjoint(ds)
     if check_files:
-        for split, source in list(ds.splits.items()):
-            ds.splits[split] = _check_files(source, split, cfg.on_error, cfg.name)
+        _check_files(ds, cfg.on_error)
+        if cfg.on_error == "skip":
+            for split, source in ds.splits.items():
+                check_usable(source, split, ds.info.name)
     if ds.info.class_counts is None:
         ds.info.class_counts = class_counts(source_labels(ds["train"]), ds.info.num_classes)
     return ds
 
 
-def _check_files(source, split: str, on_error: str, name: str):
-    if not isinstance(source, TableSource):
-        return source
-    missing = set(source.missing_files())
+def check_disjoint(ds: Dataset) -> None:
+    """Every image file in at most one split, once: a repeated file would put test images in
+    training (or weigh an image twice). Fails naming the files and their splits."""
+    from jaxmed.data.datasets.tables import DataFormatError
+
+    seen: dict[str, str] = {}
+    dups = []
+    for split, source in ds.splits.items():
+        if not isinstance(source, TableSource):
+            continue
+        for f in source.files:
+            key = os.path.normpath(f)
+            if key in seen:
+                dups.append(f"{f} ({seen[key]} and {split})")
+            else:
+                seen[key] = split
+    if dups:
+        raise DataFormatError(f"{ds.info.name}: {len(dups)} image file(s) appear more than once "
+                              f"across the splits, e.g. {dups[:5]}; remove the repeated rows")
+
+
+def _check_files(ds: Dataset, on_error: str) -> None:
+    """Missing files of every split, reported together (test included) before training."""
+    missing = {}
+    for split, source in ds.splits.items():
+        if isinstance(source, TableSource):
+            gone = set(source.missing_files())
+            if gone:
+                missing[split] = (source, gone)
     if not missing:
-        return source
+        return
+    name = ds.info.name
     if on_error == "raise":
-        shown = sorted(missing)[:5]
-        raise ImageError(f"{name} ({split}): {len(missing)} image file(s) not found, e.g. "
-                         f"{shown}; fix the root or set config.data.on_error='skip'")
-    keep = [i for i, f in enumerate(source.files) if f not in missing and
-            (source.mask_files is None or source.mask_files[i] not in missing)]
-    log.warning("%s (%s): skipped %d rows whose files are missing (on_error='skip')", name,
-                split, len(source) - len(keep))
-    return source.subset(np.asarray(keep, np.int64))
+        parts = [f"{split}: {len(gone)} (e.g. {sorted(gone)[:5]})"
+                 for split, (_, gone) in missing.items()]
+        raise ImageError(f"{name}: image file(s) not found in {'; '.join(parts)}; fix the root "
+                         "or set config.data.on_error='skip'")
+    for split, (source, gone) in missing.items():
+        keep = [i for i, f in enumerate(source.files) if f not in gone and
+                (source.mask_files is None or source.mask_files[i] not in gone)]
+        skipped = len(source) - len(keep)
+        if not keep:
+            raise ImageError(f"{name} ({split}): no usable sample: all {skipped} rows skipped "
+                             f"because their files are missing (on_error='skip'), e.g. "
+                             f"{sorted(gone)[:5]}")
+        log.warning("%s (%s): skipped %d of %d rows whose files are missing (on_error='skip')",
+                    name, split, skipped, len(source))
+        ds.splits[split] = source.subset(np.asarray(keep, np.int64))
+
+
+def check_usable(source, split: str, name: str = "dataset") -> None:
+    """Fail unless some record of `source` decodes: with on_error='skip' a split of unreadable
+    files would otherwise train on nothing (every sample valid=0) or evaluate nothing.
+
+    Records are tried in order and the first that decodes ends the check, so a healthy split
+    costs one small decode (JPEG draft mode); only a split with no good file is read in full.
+    In-memory images (arrays) count as usable without decoding."""
+    reasons = []
+    for i in range(len(source)):
+        rec = source[i]
+        try:
+            for key in ("image", "mask"):
+                data = rec.get(key)
+                if data is not None and not isinstance(data, np.ndarray):
+                    decode_image(data, size=(8, 8), channels=1, nearest=key == "mask",
+                                 name=data if isinstance(data, str) else
+                                 f"{key} of record {rec['index']}")
+            return
+        except ImageError as e:
+            reasons.append(str(e))
+    if reasons:
+        raise ImageError(f"{name} ({split}): no usable sample: all {len(reasons)} images are "
+                         f"unreadable and would be skipped (on_error='skip'), e.g. {reasons[:3]}")
 
 
 def image_size(cfg, info: DatasetInfo) -> int:
@@ -131,4 +200,5 @@ def image_channels(cfg, info: DatasetInfo) -> int:
     return int(cfg.channels) if cfg.channels else info.channels
 
 
-__all__ = ["Dataset", "DatasetInfo", "build", "default_config", "register"]
+__all__ = ["Dataset", "DatasetInfo", "build", "check_disjoint", "check_usable",
+           "default_config", "register"]

@@ -28,7 +28,6 @@ from PIL import Image, ImageEnhance, ImageOps
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-HostOp = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 
 def _pil(x: np.ndarray) -> Image.Image:
@@ -143,6 +142,7 @@ def randaugment(x, rng, n: int = 2, magnitude: float = 10.0):
     return _np(img, x.shape[-1])
 
 
+# op(x: uint8 HxWxC, rng: np.random.Generator, *args) -> uint8 HxWxC
 HOST_OPS: dict[str, Callable] = {
     "flip": flip, "vflip": vflip, "rotate": rotate, "translate": translate,
     "rrc": random_resized_crop, "randaugment": randaugment, "cutout": cutout,
@@ -173,18 +173,6 @@ def parse_steps(spec: str) -> tuple[Step, ...]:
 def apply_steps(steps: tuple[Step, ...], x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     for name, args in steps:
         x = HOST_OPS[name](x, rng, *args)
-    return np.ascontiguousarray(x)
-
-
-def parse_chain(spec: str) -> list[HostOp]:
-    """'rrc(0.08)|flip|rotate(15)' -> list of ops; unknown names fail naming the op."""
-    return [lambda x, rng, fn=HOST_OPS[name], args=args: fn(x, rng, *args)
-            for name, args in parse_steps(spec)]
-
-
-def apply_chain(ops: list[HostOp], x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    for op in ops:
-        x = op(x, rng)
     return np.ascontiguousarray(x)
 
 

@@ -92,8 +92,20 @@ class TableSource:
                            self.ids[keep])
 
     def missing_files(self) -> list[str]:
-        paths = self.files + (self.mask_files or [])
-        return [p for p in paths if not os.path.exists(p)]
+        """Files (images and masks) not on disk. Each folder is listed once instead of one stat
+        per file: cheap for 100k-image datasets on network disks."""
+        listed: dict[str, frozenset] = {}
+        out = []
+        for p in self.files + (self.mask_files or []):
+            folder, name = os.path.split(p)
+            if folder not in listed:
+                try:
+                    listed[folder] = frozenset(os.listdir(folder or "."))
+                except OSError:  # no such folder (or not a folder): everything in it is missing
+                    listed[folder] = frozenset()
+            if name not in listed[folder]:
+                out.append(p)
+        return out
 
 
 class SubsetSource:

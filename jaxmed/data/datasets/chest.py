@@ -69,6 +69,7 @@ def nih_cxr14(cfg) -> Dataset:
         return nih_gbp(cfg)
     t = T.read_csv(T.find_file(cfg.root, "Data_Entry_2017.csv"), NIH_COLUMNS,
                    dataset="NIH ChestX-ray14")
+    T.check_unique(t, "Image Index")
     images = t.column("Image Index")
     src = TableSource(T.locate(images, T.index_images(cfg.root), cfg.root, ".png"),
                       nih_findings(t), nih_attrs(t))
@@ -103,6 +104,7 @@ def nih_gbp(cfg) -> Dataset:
         splits = {}
         for split, path in biased_split_files(cfg.split_file).items():
             t = T.read_csv(path, cols, dataset="NIH (BiasPruner GbP split)")
+            T.check_unique(t, "Image Index")
             splits[split] = TableSource(T.locate(t.column("Image Index"), index, cfg.root, ".png"),
                                         T.categorical(t, "Finding Labels", classes), nih_attrs(t))
         return Dataset(splits, DatasetInfo("nih_cxr14", classes, False, 1,
@@ -112,6 +114,7 @@ def nih_gbp(cfg) -> Dataset:
     classes = sorted({v for t in tables for v in t.column("Finding Labels")})
     files, labels, attrs, patients = [], [], [], []
     for t in tables:
+        T.check_unique(t, "Image Index")
         files += T.locate(t.column("Image Index"), index, cfg.root, ".png")
         labels.append(T.categorical(t, "Finding Labels", classes))
         attrs.append(nih_attrs(t))
@@ -141,6 +144,7 @@ def nih_cxr_lt(cfg) -> Dataset:
     for split in ("train", "val", "test"):
         t = T.read_csv(T.sibling(base, "_train", f"_{split}"), ["id", "subj_id", *NIH_LT_CLASSES],
                        dataset="NIH-CXR-LT")
+        T.check_unique(t, "id")
         ids = t.column("id")
         attrs = {}
         if demo:
@@ -155,13 +159,15 @@ def nih_cxr_lt(cfg) -> Dataset:
 @register("mimic_cxr_lt")
 def mimic_cxr_lt(cfg) -> Dataset:
     """MIMIC-CXR-LT (MICCAI 2023): `miccai2023_mimic-cxr-lt_labels_{train,val,test}.csv` with
-    `path` relative to the MIMIC-CXR-JPG root (= config.data.root) and 19 class columns."""
+    `path` relative to the MIMIC-CXR-JPG root (= config.data.root) and 19 class columns.
+    A path that is absolute or leaves the root ('../x.jpg') fails naming its row."""
     base = cfg.split_file or T.find_file(cfg.root, "miccai2023_mimic-cxr-lt_labels_train.csv")
     splits = {}
     for split in ("train", "val", "test"):
         t = T.read_csv(T.sibling(base, "_train", f"_{split}"), ["path", *MIMIC_LT_CLASSES],
                        dataset="MIMIC-CXR-LT")
-        files = [os.path.join(cfg.root, p) for p in t.column("path")]
+        T.check_unique(t, "path", key=lambda v: os.path.normpath(v.strip()))
+        files = T.inside_root(t, "path", cfg.root)
         splits[split] = TableSource(files, T.multihot_labels(t, MIMIC_LT_CLASSES))
     return Dataset(splits, DatasetInfo("mimic_cxr_lt", MIMIC_LT_CLASSES, True, 1))
 

@@ -21,36 +21,100 @@ KNOWN_CLASSES = {
 }
 
 
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def _load(path: str) -> dict[str, np.ndarray]:
+    need = [f"{s}_{k}" for s in SPLIT_NAMES for k in ("images", "labels")]
+    try:
+        z = np.load(path)
+    except Exception as e:  # noqa: BLE001 - any reader failure means "not an npz"
+        raise T.DataFormatError(f"{path}: not a readable MedMNIST .npz file ({type(e).__name__}: "
+                                f"{e})") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise T.DataFormatError(f"{path}: a MedMNIST file is an .npz archive of {need}; this is "
+                                f"a single {type(z).__name__}")
+    with z:
+        missing = [k for k in need if k not in z.files]
+        if missing:
+            raise T.DataFormatError(f"{path}: a MedMNIST file holds {need}; missing {missing}, "
+                                    f"found {sorted(z.files)}")
+        arrays = {}
+        for k in need:
+            try:
+                arrays[k] = z[k]
+            except Exception as e:  # noqa: BLE001 - pickled / truncated member
+                raise T.DataFormatError(f"{path}: cannot read {k} ({type(e).__name__}: {e})"
+                                        ) from None
+    return arrays
+
+
+def _check_split(path: str, s: str, images: np.ndarray, y: np.ndarray, *, multi: bool,
+                 num_classes: int, known: bool, hw: tuple) -> None:
+    """Every problem names the file and the split's array; labels must fit the class names."""
+    where = f"{path} ({s} split)"
+    if images.dtype != np.uint8:
+        raise T.DataFormatError(f"{where}: {s}_images has dtype {images.dtype}, expected uint8")
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
+        raise T.DataFormatError(f"{where}: {s}_images has shape {images.shape}, expected "
+                                "(N, H, W) or (N, H, W, 1 or 3)")
+    if images.shape[1:3] != hw:
+        raise T.DataFormatError(f"{where}: {s}_images are {images.shape[1:3]} pixels, "
+                                f"train_images {hw}")
+    if len(images) != len(y):
+        raise T.DataFormatError(f"{where}: {len(images)} images in {s}_images but {len(y)} "
+                                f"labels in {s}_labels")
+    if not np.issubdtype(y.dtype, np.number) or (y.size and not np.isfinite(y).all()):
+        raise T.DataFormatError(f"{where}: {s}_labels holds {y.dtype} values, expected integers")
+    if multi:
+        if y.ndim != 2 or y.shape[1] != num_classes:
+            raise T.DataFormatError(f"{where}: {s}_labels has shape {y.shape}, expected "
+                                    f"(N, {num_classes}) multi-hot rows")
+        bad = np.flatnonzero(~np.isin(y, (0, 1)).all(1))
+        if bad.size:
+            raise T.DataFormatError(f"{where}: {s}_labels row {int(bad[0])} is "
+                                    f"{y[bad[0]].tolist()}; multi-hot labels are 0 / 1")
+        return
+    if y.ndim > 2 or (y.ndim == 2 and y.shape[1] != 1):
+        raise T.DataFormatError(f"{where}: {s}_labels has shape {y.shape}, expected (N,) or (N, 1)")
+    flat = y.reshape(-1)
+    bad = np.flatnonzero((flat != np.round(flat)) | (flat < 0) | (flat >= num_classes))
+    if bad.size:
+        i = int(bad[0])
+        limit = (f"the {num_classes} class names of this dataset" if known
+                 else "non-negative integers")
+        raise T.DataFormatError(f"{where}: {s}_labels[{i}] = {flat[i]} ({bad.size} bad labels); "
+                                f"labels must be integers in [0, {num_classes}) for {limit}")
+
+
 @register("medmnist")
 def medmnist(cfg) -> Dataset:
+    """config.data.root = the .npz file. Its stem names the dataset ('dermamnist_224.npz' ->
+    dermamnist): a known stem fixes the class names and labels outside them are an error;
+    other files get class_0..class_{max label}."""
     path = cfg.root
     if not os.path.isfile(path):
         raise FileNotFoundError(f"medmnist: config.data.root must be a MedMNIST .npz file; "
                                 f"not found: {path}")
-    with np.load(path) as z:
-        keys = set(z.files)
-        need = [f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels")]
-        missing = [k for k in need if k not in keys]
-        if missing:
-            raise T.DataFormatError(f"{path}: a MedMNIST file holds {need}; missing {missing}, "
-                                    f"found {sorted(keys)}")
-        arrays = {k: z[k] for k in need}
+    arrays = _load(path)
     labels = arrays["train_labels"]
     multi = labels.ndim == 2 and labels.shape[1] > 1
     stem = os.path.splitext(os.path.basename(path))[0].split("_")[0]
-    if multi:
+    known = stem in KNOWN_CLASSES
+    if known:
+        num_classes = len(KNOWN_CLASSES[stem])
+    elif multi:
         num_classes = labels.shape[1]
     else:
-        num_classes = int(max(arrays[f"{s}_labels"].max() for s in ("train", "val", "test"))) + 1
-    names = KNOWN_CLASSES.get(stem, [f"class_{i}" for i in range(num_classes)])
-    if len(names) != num_classes:
-        names = [f"class_{i}" for i in range(num_classes)]
+        tops = [arrays[f"{s}_labels"].max() for s in SPLIT_NAMES if arrays[f"{s}_labels"].size]
+        num_classes = max(int(max(tops, default=0)), 0) + 1
+    names = KNOWN_CLASSES[stem] if known else [f"class_{i}" for i in range(num_classes)]
+    hw = arrays["train_images"].shape[1:3]
     splits = {}
-    for s in ("train", "val", "test"):
-        images = arrays[f"{s}_images"]
-        if images.dtype != np.uint8:
-            raise T.DataFormatError(f"{path}: {s}_images has dtype {images.dtype}, expected uint8")
-        y = arrays[f"{s}_labels"]
+    for s in SPLIT_NAMES:
+        images, y = arrays[f"{s}_images"], arrays[f"{s}_labels"]
+        _check_split(path, s, images, y, multi=multi, num_classes=num_classes, known=known,
+                     hw=hw)
         y = y.astype(np.float32) if multi else y.reshape(-1).astype(np.int64)
         splits[s] = ArraySource(images, y)
     channels = 1 if arrays["train_images"].ndim == 3 else arrays["train_images"].shape[-1]

@@ -9,6 +9,7 @@ Each reads the files exactly as the official download ships them under `config.d
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
@@ -37,6 +38,7 @@ def ham10000(cfg) -> Dataset:
     No official split: a lesion-wise split (all images of a lesion in one split)."""
     meta = cfg.split_file or T.find_file(cfg.root, "HAM10000_metadata.csv", "HAM10000_metadata")
     t = T.read_csv(meta, ["lesion_id", "image_id", "dx", "age", "sex"], dataset="HAM10000")
+    T.check_unique(t, "image_id")
     labels = T.categorical(t, "dx", HAM_CLASSES)
     attrs = {"sex": T.sex_codes(t.column("sex")), "age_group": T.age_groups(t.column("age"))}
     files = T.locate(t.column("image_id"), T.index_images(cfg.root), cfg.root)
@@ -66,6 +68,7 @@ def isic2018(cfg) -> Dataset:
 
     def read(path):
         t = T.read_csv(path, ["image", *ISIC2018_CLASSES], dataset="ISIC 2018 task 3")
+        T.check_unique(t, "image")
         return TableSource(T.locate(t.column("image"), index, cfg.root),
                            T.onehot_labels(t, ISIC2018_CLASSES))
 
@@ -90,8 +93,8 @@ def isic2018_seg(cfg) -> Dataset:
     if not ids:
         raise FileNotFoundError(f"isic2018_seg: no image with an _segmentation.png mask under "
                                 f"{cfg.root}")
-    src = TableSource([index[i] for i in ids], np.ones(len(ids), np.int64),
-                      mask_files=[index[f"{i}_segmentation"] for i in ids])
+    src = TableSource([index.path(i) for i in ids], np.ones(len(ids), np.int64),
+                      mask_files=[index.path(f"{i}_segmentation") for i in ids])
     info = DatasetInfo("isic2018_seg", ["lesion"], False, 3)
     return Dataset(_group_splits(cfg, ids, src), info)
 
@@ -120,6 +123,7 @@ def isic2019(cfg) -> Dataset:
         for split in ("train", "val", "test"):
             path = T.sibling(cfg.split_file, "train_", f"{split}_")
             t = T.read_csv(path, ["image", "finding"], dataset="ISIC 2019 (FoPro-KD split)")
+            T.check_unique(t, "image")
             labels = T.categorical(t, "finding", [str(i) for i in range(len(FOPRO_CLASSES))])
             images = t.column("image")
             splits[split] = TableSource(T.locate(images, index, cfg.root), labels,
@@ -128,6 +132,7 @@ def isic2019(cfg) -> Dataset:
                                            attr_names=["sex", "age_group"]))
     gt = T.find_file(cfg.root, "ISIC_2019_Training_GroundTruth.csv")
     t = T.read_csv(gt, ["image", *ISIC2019_CLASSES, "UNK"], dataset="ISIC 2019")
+    T.check_unique(t, "image")
     labels = T.onehot_labels(t, ISIC2019_CLASSES + ["UNK"])
     if (labels == len(ISIC2019_CLASSES)).any():
         r = int(np.flatnonzero(labels == len(ISIC2019_CLASSES))[0])
@@ -147,7 +152,7 @@ def biased_split_files(train_file: str) -> dict[str, str]:
         raise T.DataFormatError(f"{train_file}: expected a '*_train_set_split.csv' file of the "
                                 "BiasPruner splits")
     val = os.path.join(d, name.replace("train_set_split", "val_set_split"))
-    stem = name.split("biased_train_set_split")[0]
+    stem = re.split(r"(?:un)?biased_train_set_split", name)[0]  # unbiased train: same test
     candidates = [stem + "unbiased_test_set.csv", stem.replace("total_", "") +
                   "unbiased_test_set.csv"]
     test = next((os.path.join(d, c) for c in candidates if os.path.isfile(os.path.join(d, c))),
@@ -166,6 +171,7 @@ def isic2020(cfg) -> Dataset:
         splits = {}
         for split, path in biased_split_files(cfg.split_file).items():
             t = T.read_csv(path, ["image_name", "target", "sex"], dataset="ISIC 2020 (age split)")
+            T.check_unique(t, "image_name")
             age_col = "age" if t.has("age") else "age_approx"
             if not t.has(age_col):
                 raise T.DataFormatError(f"{path}: expected an 'age' or 'age_approx' column; the "
@@ -179,6 +185,7 @@ def isic2020(cfg) -> Dataset:
     gt = T.find_file(cfg.root, "ISIC_2020_Training_GroundTruth.csv")
     t = T.read_csv(gt, ["image_name", "patient_id", "sex", "age_approx", "target"],
                    dataset="ISIC 2020")
+    T.check_unique(t, "image_name")
     src = TableSource(T.locate(t.column("image_name"), index, cfg.root),
                       T.categorical(t, "target", ["0", "1"]),
                       {"age_group": T.age_groups(t.column("age_approx")),
@@ -202,6 +209,7 @@ def fitzpatrick17k(cfg) -> Dataset:
         for split, path in biased_split_files(cfg.split_file).items():
             t = T.read_csv(path, ["md5hash", "fitzpatrick", "three_partition_label"],
                            dataset="Fitzpatrick17k (BiasPruner split)")
+            T.check_unique(t, "md5hash")
             splits[split] = TableSource(
                 T.locate(t.column("md5hash"), index, cfg.root),
                 T.categorical(t, "three_partition_label", ["benign", "malignant"]),
@@ -211,6 +219,7 @@ def fitzpatrick17k(cfg) -> Dataset:
     path = T.find_file(cfg.root, "fitzpatrick17k.csv")
     t = T.read_csv(path, ["md5hash", "fitzpatrick_scale", "three_partition_label"],
                    dataset="Fitzpatrick17k")
+    T.check_unique(t, "md5hash")
     scale = np.asarray([int(v) if v.strip().lstrip("-").isdigit() else -1
                         for v in t.column("fitzpatrick_scale")], np.int64)
     bad = np.flatnonzero((scale < 1) & (scale != -1) | (scale > 6))

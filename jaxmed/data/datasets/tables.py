@@ -77,10 +77,11 @@ def read_csv(path: str, required: Sequence[str], *, dataset: str) -> Table:
 
 
 def read_split_list(path: str, *, dataset: str, num_classes: int) -> tuple[list[str], np.ndarray]:
-    """Whitespace split lists: 'image.jpg 1 0 0 0 0 0 0' (one-hot after the name)."""
+    """Whitespace split lists: 'image.jpg 1 0 0 0 0 0 0' (one-hot after the name); an image
+    listed twice fails naming both lines."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{dataset}: split list not found: {path}")
-    names, labels = [], []
+    names, labels, seen = [], [], {}
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             parts = line.split()
@@ -96,6 +97,11 @@ def read_split_list(path: str, *, dataset: str, num_classes: int) -> tuple[list[
                                       ) from None
             if sum(onehot) != 1:
                 raise DataFormatError(f"{path}, line {lineno}: label is not one-hot: {onehot}")
+            stem = os.path.splitext(os.path.basename(parts[0]))[0]
+            if stem in seen:
+                raise DataFormatError(f"{path}: image {parts[0]!r} is listed on lines "
+                                      f"{seen[stem]} and {lineno}; remove the repeat")
+            seen[stem] = lineno
             names.append(parts[0])
             labels.append(int(np.argmax(onehot)))
     return names, np.asarray(labels, np.int64)
@@ -169,34 +175,100 @@ def age_groups(values: Iterable[str]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- image files
-def index_images(root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> dict[str, str]:
-    """{file stem: path} for every image under root (searched recursively, sorted, first wins)."""
-    found: dict[str, str] = {}
+class ImageIndex(dict):
+    """{file stem: path} for every image under a root, from one directory walk.
+
+    A stem found at several places (a stray copy beside the real image, `x.jpg` and `x.png`)
+    is kept in `ambiguous` with every path: `locate` refuses to pick one for an id that a table
+    names. Stems no table names may be duplicated freely."""
+
+    def __init__(self, root: str):
+        super().__init__()
+        self.root = root
+        self.ambiguous: dict[str, list[str]] = {}
+
+    def path(self, image_id: str, default_ext: str = ".jpg") -> str:
+        """The one file for an image id ('ISIC_1', 'ISIC_1.jpg'); the path it should have under
+        root when the disk lacks it (then reported missing)."""
+        stem, ext = os.path.splitext(os.path.basename(image_id))
+        if stem in self.ambiguous:
+            paths = self.ambiguous[stem]
+            if ext:
+                same_ext = [p for p in paths if p.lower().endswith(ext.lower())]
+                paths = same_ext or paths
+            if len(paths) > 1:
+                raise DataFormatError(
+                    f"image {image_id!r} is found at {len(paths)} places under {self.root}: "
+                    f"{paths}; keep one copy (jaxmed never picks one silently)")
+            return paths[0]
+        return self.get(stem) or os.path.join(self.root, stem + (ext or default_ext))
+
+
+def index_images(root: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> ImageIndex:
+    """Every image under root (searched recursively), by file stem; see `ImageIndex`."""
+    found = ImageIndex(root)
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
             stem, ext = os.path.splitext(name)
-            if ext.lower() in extensions and stem not in found:
-                found[stem] = os.path.join(dirpath, name)
+            if ext.lower() not in extensions:
+                continue
+            path = os.path.join(dirpath, name)
+            if stem in found:
+                found.ambiguous.setdefault(stem, [found[stem]]).append(path)
+            else:
+                found[stem] = path
     return found
 
 
 def find_file(root: str, *names: str) -> str:
-    """The first file below root named like one of `names` (glob patterns, tried in order);
-    the path it should have under root when there is none (reported missing when read)."""
+    """The file below root named like one of `names` (glob patterns, tried in order); the path
+    it should have under root when there is none (reported missing when read). Two matches of
+    one pattern fail naming both: which metadata file is meant is not guessed."""
     for n in names:
         hits = sorted(glob.glob(os.path.join(root, "**", n), recursive=True))
+        if len(hits) > 1:
+            raise DataFormatError(f"{len(hits)} files named {n!r} under {root}: {hits}; keep "
+                                  "one, or pass the one meant as config.data.split_file")
         if hits:
             return hits[0]
     return os.path.join(root, names[0])
 
 
 def locate(ids: Sequence[str], index: dict[str, str], root: str, ext: str = ".jpg") -> list[str]:
-    """Paths for image ids; an id not on disk gets the path it should have (reported missing)."""
+    """Paths for image ids; an id not on disk gets the path it should have (reported missing),
+    an id found at several places fails naming them (see `ImageIndex`)."""
+    if not isinstance(index, ImageIndex):
+        plain, index = index, ImageIndex(root)
+        index.update(plain)
+    return [index.path(i, ext) for i in ids]
+
+
+def check_unique(table: Table, column: str, key=None) -> None:
+    """Fail naming the file, the ids and their lines when an image appears on two rows: a
+    repeated image would be counted twice, or land in two splits (test images in training).
+    `key` maps a value to its identity (default: the file stem, so 'x' == 'x.jpg')."""
+    key = key or (lambda v: os.path.splitext(os.path.basename(v.strip()))[0])
+    lines: dict[str, list[int]] = {}
+    for r, v in enumerate(table.column(column)):
+        lines.setdefault(key(v), []).append(table.line(r))
+    dups = {k: v for k, v in lines.items() if len(v) > 1}
+    if dups:
+        shown = "; ".join(f"{k!r} on lines {v}" for k, v in list(dups.items())[:5])
+        raise DataFormatError(f"{table.path}: {len(dups)} image id(s) in column {column!r} "
+                              f"appear on more than one row: {shown}; remove the repeats")
+
+
+def inside_root(table: Table, column: str, root: str) -> list[str]:
+    """Paths of a column relative to root, normalised; an absolute path or one that leaves root
+    ('../x.jpg') fails naming its line, so a table never reads files outside the dataset."""
     out = []
-    for i in ids:
-        stem = os.path.splitext(os.path.basename(i))[0]
-        out.append(index.get(stem) or os.path.join(root, stem + (os.path.splitext(i)[1] or ext)))
+    for r, v in enumerate(table.column(column)):
+        rel = os.path.normpath(v.strip())
+        if not v.strip() or os.path.isabs(rel) or rel == ".." or rel.startswith(".." + os.sep):
+            raise DataFormatError(f"{table.where(r)}: {column}={v!r} is not a path inside the "
+                                  f"dataset root {root}")
+        out.append(os.path.join(root, rel))
     return out
 
 
