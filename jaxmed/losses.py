@@ -76,10 +76,35 @@ def ldam(logits, labels, class_counts, max_margin: float = 0.5, scale: float = 3
 
 
 def class_balanced_weights(class_counts, beta: float = 0.9999) -> np.ndarray:
-    """Effective-number weights (Cui et al. 2019), normalised to sum to the number of classes."""
+    """Effective-number weights (Cui et al. 2019), normalised to sum to the number of classes
+    present; a class with no training sample gets weight 0 (as the LDAM-DRW / Fed-MAS code)."""
     counts = np.asarray(class_counts, np.float64)
-    w = (1 - beta) / (1 - beta**counts)
-    return (w / w.sum() * len(counts)).astype(np.float32)
+    present = counts > 0
+    w = np.zeros_like(counts)
+    w[present] = (1 - beta) / (1 - beta ** counts[present])
+    return (w / w.sum() * present.sum()).astype(np.float32)
+
+
+def class_balanced(logits, labels, class_counts, beta: float = 0.9999):
+    """Class-balanced softmax CE (Cui et al. 2019): w_y * CE with effective-number weights.
+
+    Per sample; `jnp.mean` of it is Cui's normalisation (weights sum to C), while
+    `weighted_mean(cross_entropy(...), w[labels])` would be torch's CrossEntropyLoss(weight=w)."""
+    w = jnp.asarray(class_balanced_weights(class_counts, beta))
+    return cross_entropy(logits, labels) * w[labels]
+
+
+def drw_weights(class_counts, step, drw_start, beta: float = 0.9999):
+    """LDAM-DRW's deferred re-weighting: ones before `drw_start` (Cao et al.: 80% of training),
+    effective-number weights from then on. `step` / `drw_start` may be traced; (C,) float32."""
+    cb = jnp.asarray(class_balanced_weights(class_counts, beta))
+    return jnp.where(jnp.asarray(step) >= drw_start, cb, jnp.ones_like(cb))
+
+
+def logit_adjusted(logits, labels, class_counts, tau: float = 1.0):
+    """Logit-adjusted CE (Menon et al. 2021): CE(logits + tau * log prior); tau = 1 is the
+    balanced softmax. Train-time only: predict with the plain logits."""
+    return cross_entropy(logits + tau * jnp.asarray(log_prior(class_counts)), labels)
 
 
 def gce(logits, labels, q: float = 0.7):
@@ -99,7 +124,25 @@ def kd(student_logits, teacher_logits, temperature: float = 4.0):
     return temperature**2 * jnp.sum(jnp.exp(t) * (t - s), axis=-1)
 
 
-LOSSES = ("ce", "bce", "balanced_softmax", "focal", "ldam", "gce")
+def feature_kd(student_features, teacher_features):
+    """Feature KD (FitNets-style L2): mean over feature dims of (s - t)^2, per sample. The
+    teacher is not stop-gradiented here: a caller that trains only the student differentiates
+    only the student's params."""
+    diff = student_features.astype(jnp.float32) - teacher_features.astype(jnp.float32)
+    return jnp.mean(diff * diff, axis=-1)
+
+
+def cosine_kd(student_features, teacher_features, eps: float = 1e-12):
+    """FoPro-KD's EKD term (BYOL's loss): 2 - 2 cos(s, t) = ||s/|s| - t/|t|||^2, per sample;
+    vectors normalised as torch's F.normalize (x / max(|x|, eps))."""
+    def unit(x):
+        x = x.astype(jnp.float32)
+        return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+    return 2.0 - 2.0 * jnp.sum(unit(student_features) * unit(teacher_features), axis=-1)
+
+
+LOSSES = ("ce", "bce", "balanced_softmax", "focal", "ldam", "gce", "class_balanced",
+          "logit_adjusted")
 
 
 def classification_loss(name: str, logits, labels, *, class_counts=None,
@@ -114,9 +157,33 @@ def classification_loss(name: str, logits, labels, *, class_counts=None,
         return gce(logits, labels, gce_q)
     if name == "focal":
         return focal(logits, labels, focal_gamma)
-    if name in ("balanced_softmax", "ldam"):
+    if name in ("balanced_softmax", "ldam", "class_balanced", "logit_adjusted"):
         if class_counts is None:
             raise ValueError(f"loss {name!r} needs the training class counts")
-        fn = balanced_softmax if name == "balanced_softmax" else ldam
+        fn = {"balanced_softmax": balanced_softmax, "ldam": ldam,
+              "class_balanced": class_balanced, "logit_adjusted": logit_adjusted}[name]
         return fn(logits, labels, class_counts)
     raise ValueError(f"unknown loss {name!r}; known: {LOSSES}")
+
+
+# ---------------------------------------------------------------------------- segmentation
+def soft_dice_loss(logits, targets, smooth: float = 1.0):
+    """1 - soft Dice per sample: (2 sum(p t) + s) / (sum p + sum t + s), p = sigmoid(logits),
+    summed over every non-batch axis. `smooth` keeps empty masks defined (empty target, empty
+    prediction: loss 0) and the gradient finite; targets are 0/1 floats."""
+    p = jax.nn.sigmoid(logits.astype(jnp.float32)).reshape(logits.shape[0], -1)
+    t = jnp.asarray(targets, jnp.float32).reshape(targets.shape[0], -1)
+    dice = (2 * jnp.sum(p * t, -1) + smooth) / (jnp.sum(p, -1) + jnp.sum(t, -1) + smooth)
+    return 1.0 - dice
+
+
+def dice_bce(logits, targets, dice_weight: float = 1.0, bce_weight: float = 1.0,
+             smooth: float = 1.0):
+    """Segmentation loss per sample (B,): bce_weight * pixel-mean BCE + dice_weight * soft Dice
+    loss, on logits and 0/1 target masks of the same shape (B, H, W[, 1])."""
+    if logits.shape != targets.shape:
+        raise ValueError(f"dice_bce: logits {logits.shape} and targets {targets.shape} differ")
+    t = jnp.asarray(targets, jnp.float32)
+    bce = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), t)
+    bce = jnp.mean(bce.reshape(bce.shape[0], -1), -1)
+    return bce_weight * bce + dice_weight * soft_dice_loss(logits, t, smooth)

@@ -72,3 +72,90 @@ def test_gce_gradient_is_q_py_q_times_ce_gradient():
 def test_weighted_mean_ignores_zero_weights():
     per = jnp.array([1.0, 2.0, 100.0])
     assert float(losses.weighted_mean(per, jnp.array([1, 1, 0]))) == pytest.approx(1.5)
+
+
+# ------------------------------------------------------------------ long-tailed losses and KD
+def _np_ce(z, y):
+    z = z - z.max(1, keepdims=True)
+    return -(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(1)))
+
+
+def _np_effective_number_weights(counts, beta):
+    w = np.array([(1 - beta) / (1 - beta**n) if n > 0 else 0.0 for n in counts])
+    return w / w.sum() * (np.asarray(counts) > 0).sum()
+
+
+def test_class_balanced_weights_and_loss_match_numpy():
+    for beta in (0.9999, 0.99):
+        np.testing.assert_allclose(losses.class_balanced_weights(COUNTS, beta),
+                                   _np_effective_number_weights(COUNTS, beta), rtol=1e-5)
+    w = _np_effective_number_weights(COUNTS, 0.999)
+    assert w[4] > w[3] > w[2] > w[1] > w[0]  # rarer classes weigh more
+    got = losses.class_balanced(LOGITS, LABELS, COUNTS, 0.999)
+    np.testing.assert_allclose(got, w[LABELS] * _np_ce(LOGITS, LABELS), rtol=1e-5)
+    # weighted_mean over the plain CE is torch's CrossEntropyLoss(weight=w) normalisation
+    want = F.cross_entropy(torch.tensor(LOGITS), torch.tensor(LABELS),
+                           weight=torch.tensor(w, dtype=torch.float32)).item()
+    got = losses.weighted_mean(losses.cross_entropy(LOGITS, LABELS), jnp.asarray(w)[LABELS])
+    assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+def test_class_balanced_weights_zero_for_absent_classes():
+    w = losses.class_balanced_weights([40, 0, 7], 0.99)
+    assert w[1] == 0 and np.isfinite(w).all()
+    np.testing.assert_allclose(w.sum(), 2.0, rtol=1e-6)
+
+
+def test_drw_weights_switch_at_start_step_and_ldam_drw_matches_torch():
+    fn = jax.jit(lambda step: losses.drw_weights(COUNTS, step, 80))
+    np.testing.assert_array_equal(fn(79), np.ones(5, np.float32))
+    cb = _np_effective_number_weights(COUNTS, 0.9999)
+    np.testing.assert_allclose(fn(80), cb, rtol=1e-5)
+    np.testing.assert_allclose(fn(200), cb, rtol=1e-5)
+    m = COUNTS ** -0.25
+    m = m * 0.5 / m.max()
+    adj = LOGITS.copy()
+    adj[np.arange(12), LABELS] -= m[LABELS]
+    want = F.cross_entropy(torch.tensor(30 * adj), torch.tensor(LABELS),
+                           weight=torch.tensor(cb, dtype=torch.float32), reduction="none").numpy()
+    np.testing.assert_allclose(losses.ldam(LOGITS, LABELS, COUNTS, weights=fn(100)), want,
+                               rtol=1e-4)
+
+
+def test_logit_adjusted_matches_numpy_and_tau_one_is_balanced_softmax():
+    prior = COUNTS / COUNTS.sum()
+    for tau in (0.5, 2.0):
+        want = _np_ce(LOGITS + tau * np.log(prior), LABELS)
+        np.testing.assert_allclose(losses.logit_adjusted(LOGITS, LABELS, COUNTS, tau), want,
+                                   rtol=1e-5)
+    np.testing.assert_allclose(losses.logit_adjusted(LOGITS, LABELS, COUNTS, 1.0),
+                               losses.balanced_softmax(LOGITS, LABELS, COUNTS), rtol=1e-6)
+    np.testing.assert_allclose(losses.classification_loss("logit_adjusted", LOGITS, LABELS,
+                                                          class_counts=COUNTS),
+                               _np_ce(LOGITS + np.log(prior), LABELS), rtol=1e-5)
+
+
+def test_balanced_softmax_and_focal_match_numpy():
+    prior = COUNTS / COUNTS.sum()
+    np.testing.assert_allclose(losses.balanced_softmax(LOGITS, LABELS, COUNTS),
+                               _np_ce(LOGITS + np.log(prior), LABELS), rtol=1e-5)
+    ce = _np_ce(LOGITS, LABELS)
+    np.testing.assert_allclose(losses.focal(LOGITS, LABELS, 2.0), (1 - np.exp(-ce)) ** 2 * ce,
+                               rtol=1e-4)
+
+
+def test_feature_and_cosine_kd_match_numpy():
+    s = RNG.normal(size=(6, 7)).astype(np.float32)
+    t = RNG.normal(size=(6, 7)).astype(np.float32) * 3 + 1
+    np.testing.assert_allclose(losses.feature_kd(s, t), ((s - t) ** 2).mean(1), rtol=1e-5)
+    cos = (s * t).sum(1) / np.linalg.norm(s, axis=1) / np.linalg.norm(t, axis=1)
+    got = losses.cosine_kd(s, t)
+    np.testing.assert_allclose(got, 2 - 2 * cos, rtol=1e-5, atol=1e-6)
+    # scale-invariant, 0 for aligned vectors, 4 for opposite ones, finite for a zero vector
+    np.testing.assert_allclose(losses.cosine_kd(5 * s, t), got, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(losses.cosine_kd(s, 2 * s), 0.0, atol=1e-6)
+    np.testing.assert_allclose(losses.cosine_kd(s, -s), 4.0, rtol=1e-6)
+    assert float(losses.cosine_kd(np.zeros((1, 7)), t[:1])[0]) == pytest.approx(2.0)
+    byol = 2 - 2 * (F.normalize(torch.tensor(s), dim=-1) * F.normalize(torch.tensor(t), dim=-1)
+                    ).sum(-1)
+    np.testing.assert_allclose(got, byol.numpy(), rtol=1e-5, atol=1e-6)

@@ -1,11 +1,16 @@
-"""PyTorch state_dict (torchvision key layout) -> flax `{'params', 'batch_stats'}`.
+"""PyTorch state_dict (torchvision / DINOv2 key layout) -> flax `{'params', 'batch_stats'}`.
 
-Supports ResNet-18/34/50, DenseNet-121 and AlexNet; DataParallel (`module.`) and MoCo
-(`module.encoder_q.`) prefixes are stripped, MoCo's MLP head is dropped. torch is imported only by
-`load_torch_checkpoint`, so converted params need no torch at run time.
+Supports ResNet-18/34/50, DenseNet-121, AlexNet and DINOv2 ViT-S/14, ViT-B/14 (arch
+'dinov2_vits14' / 'dinov2_vitb14', or 'vit_*'); DataParallel (`module.`) prefixes are stripped.
+A MoCo checkpoint (`module.encoder_q.*`, `module.encoder_k.*`, `module.queue`) keeps only the
+query encoder without its MLP head (`fc.0` / `fc.2`), as MoCo's own linear-probe loader does.
+DINOv2's `mask_token` (used only in its masked-image training) is dropped; register variants
+(`register_tokens`) are refused. torch is imported only by `load_torch_checkpoint`, so converted
+params need no torch at run time.
 
 Layouts: conv weight (O, I, kh, kw) -> kernel (kh, kw, I, O); linear (O, I) -> (I, O);
-BatchNorm weight/bias -> params scale/bias, running_mean/var -> batch_stats mean/var.
+BatchNorm / LayerNorm weight, bias -> params scale, bias; running_mean/var -> batch_stats
+mean/var; LayerScale `gamma`, `cls_token` and `pos_embed` are copied as they are.
 """
 
 from __future__ import annotations
@@ -20,11 +25,20 @@ PREFIXES = ("module.encoder_q.", "module.", "encoder_q.", "backbone.")
 _BN_STATS = {"running_mean": "mean", "running_var": "var"}
 
 
+def _family(arch: str) -> str:
+    if arch.startswith("resnet"):
+        return "resnet"
+    if arch.startswith(("vit", "dinov2")):
+        return "vit"
+    return arch
+
+
 def _module_path(key: str, arch: str) -> list[str]:
     """torch module path (without the leaf name) -> flax module path."""
     parts = key.split(".")
-    if arch.startswith("resnet"):
-        # layer1.0.conv1 -> layer1_0/conv1 ; layer1.0.downsample.0 -> layer1_0/downsample_0
+    if _family(arch) in ("resnet", "vit"):
+        # layer1.0.conv1 -> layer1_0/conv1 ; layer1.0.downsample.0 -> layer1_0/downsample_0 ;
+        # blocks.3.attn.qkv -> blocks_3/attn/qkv
         out, i = [], 0
         while i < len(parts):
             if i + 1 < len(parts) and parts[i + 1].isdigit():
@@ -53,6 +67,19 @@ def _fix_legacy_densenet(key: str) -> str:
                   r"|running_var))$", lambda m: m.group(1) + m.group(2), key)
 
 
+MOCO_QUERY = ("module.encoder_q.", "encoder_q.")
+
+
+def moco_query_encoder(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """From a MoCo checkpoint keep the query encoder (prefix removed) without its MLP head
+    (`fc.0`, `fc.2`: the teacher target is the pooled feature); other dicts pass through."""
+    for prefix in MOCO_QUERY:
+        if any(k.startswith(prefix) for k in state_dict):
+            return {k[len(prefix):]: v for k, v in state_dict.items()
+                    if k.startswith(prefix) and not k[len(prefix):].startswith("fc.")}
+    return dict(state_dict)
+
+
 def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Remove DataParallel / MoCo prefixes (the longest that every key matching it has)."""
     out = {}
@@ -72,11 +99,14 @@ def _as_numpy(v) -> np.ndarray:
 
 
 # The classifier head of each architecture (MoCo v2's MLP head is fc.0 / fc.2).
-HEADS = {"resnet": r"fc(_\d+)?", "densenet121": r"classifier", "alexnet": r"classifier_6"}
+HEADS = {"resnet": r"fc(_\d+)?", "densenet121": r"classifier", "alexnet": r"classifier_6",
+         "vit": r"head"}
+# DINOv2 top-level parameters that are not in a module.
+VIT_TOKENS = ("cls_token", "pos_embed")
 
 
 def _is_head(flax_key: str, arch: str) -> bool:
-    pattern = HEADS["resnet" if arch.startswith("resnet") else arch]
+    pattern = HEADS[_family(arch)]
     return re.fullmatch(pattern, flax_key.split("/")[0]) is not None
 
 
@@ -91,14 +121,22 @@ def convert_state_dict(state_dict: Mapping[str, Any], arch: str, *,
     """
     params: dict = {}
     stats: dict = {}
-    for key, value in strip_prefixes(state_dict).items():
-        if key.endswith("num_batches_tracked"):
+    for key, value in strip_prefixes(moco_query_encoder(state_dict)).items():
+        if key.endswith("num_batches_tracked") or key == "mask_token":
             continue
+        if key == "register_tokens":
+            raise ValueError("DINOv2 checkpoints with register tokens are not supported "
+                             "(key 'register_tokens'); use the register-free dinov2_vit*14")
         if arch == "densenet121":
             key = _fix_legacy_densenet(key)
+        v = _as_numpy(value).astype(np.float32)
+        if _family(arch) == "vit" and key in VIT_TOKENS:
+            params[key] = v
+            continue
+        if "." not in key:
+            raise ValueError(f"cannot convert state_dict key {key!r} with shape {v.shape}")
         module, leaf = key.rsplit(".", 1)
         path = _module_path(module, arch)
-        v = _as_numpy(value).astype(np.float32)
         if leaf in _BN_STATS:
             stats["/".join(path + [_BN_STATS[leaf]])] = v
         elif leaf == "weight" and v.ndim == 4:
@@ -109,6 +147,8 @@ def convert_state_dict(state_dict: Mapping[str, Any], arch: str, *,
             params["/".join(path + ["scale"])] = v
         elif leaf == "bias":
             params["/".join(path + ["bias"])] = v
+        elif leaf == "gamma" and v.ndim == 1:  # DINOv2 LayerScale
+            params["/".join(path + ["gamma"])] = v
         else:
             raise ValueError(f"cannot convert state_dict key {key!r} with shape {v.shape}")
     if target is None:
