@@ -10,12 +10,16 @@ from jaxmed.models.alexnet import AlexNet, alexnet
 from jaxmed.models.densenet import DenseNet, densenet121
 from jaxmed.models.resnet import (ResNet, resnet8, resnet18, resnet20, resnet34, resnet50,
                                    resnet56)
-from jaxmed.models.vit import ViT, vit_b, vit_s
+from jaxmed.models.unet import UNet, unet_resnet18, unet_resnet34, unet_resnet50
+from jaxmed.models.vit import ViT, dinov2_vitb14, dinov2_vits14, vit_b, vit_s
 
 MODELS = {
     "resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50,
     "resnet8": resnet8, "resnet20": resnet20, "resnet56": resnet56,
     "densenet121": densenet121, "alexnet": alexnet, "vit_s": vit_s, "vit_b": vit_b,
+    "dinov2_vits14": dinov2_vits14, "dinov2_vitb14": dinov2_vitb14,
+    "unet_resnet18": unet_resnet18, "unet_resnet34": unet_resnet34,
+    "unet_resnet50": unet_resnet50,
 }
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -23,7 +27,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 def create_model(name: str, num_classes: int, *, dtype: str | Any = "float32", **kw):
     """Build a model by name. ResNet kwargs: `width`, `stem` ('imagenet' | 'small' | 'cifar'),
-    `inner_widths`; ViT: `patch`. `dtype` is the compute dtype; params stay float32."""
+    `inner_widths`; ViT: `patch`, `depth`, `pos_grid`. `dtype` is the compute dtype; params
+    stay float32."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}")
     if isinstance(dtype, str):
@@ -33,4 +38,4 @@ def create_model(name: str, num_classes: int, *, dtype: str | Any = "float32", *
     return MODELS[name](num_classes=num_classes, dtype=dtype, **kw)
 
 
-__all__ = ["AlexNet", "DenseNet", "ResNet", "ViT", "MODELS", "create_model"]
+__all__ = ["AlexNet", "DenseNet", "ResNet", "UNet", "ViT", "MODELS", "create_model"]
