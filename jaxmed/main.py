@@ -23,6 +23,9 @@ METHODS = {
     "supervised": "jaxmed.methods.supervised",
     "prunecxr": "jaxmed.methods.prunecxr",
     "biaspruner": "jaxmed.methods.biaspruner",
+    "tear": "jaxmed.methods.tear",
+    "fopro_kd": "jaxmed.methods.fopro_kd",
+    "htl": "jaxmed.methods.htl",
 }
 
 FLAGS = flags.FLAGS
