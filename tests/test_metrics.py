@@ -75,3 +75,41 @@ def test_rank_average_matches_scipy():
     from scipy.stats import rankdata
     x = np.random.default_rng(3).integers(0, 5, (4, 50)).astype(float)
     np.testing.assert_allclose(M.rank_average(x), rankdata(x, axis=-1))
+
+
+@pytest.mark.parametrize("positive", [1, 0])
+def test_fairness_against_fairlearn_on_asymmetric_groups(positive):
+    """Groups with different base rates and different TPR and FPR gaps (and unknown-group
+    rows, ignored): EOpp1 / EOpp0 / DP ratio / per-group accuracy equal fairlearn's; EOdd is the
+    SUM of the TPR and FPR gaps, where fairlearn's equalized_odds_difference takes their MAX."""
+    from fairlearn.metrics import (MetricFrame, demographic_parity_ratio,
+                                   equalized_odds_difference, false_positive_rate,
+                                   true_negative_rate, true_positive_rate)
+    from sklearn.metrics import accuracy_score
+
+    rng = np.random.default_rng(3)
+    a = np.repeat([0, 1, -1], [300, 200, 40])
+    y = (rng.random(a.size) < np.where(a == 0, 0.3, 0.6)).astype(int)
+    flip = np.where(y == 1, np.where(a == 0, 0.15, 0.4), np.where(a == 0, 0.05, 0.3))
+    p = np.where(rng.random(a.size) < flip, 1 - y, y)
+    got = M.fairness(y, p, a, positive=positive)
+    k = a >= 0
+    yk, pk, ak = y[k], p[k], a[k]
+    if positive == 0:  # fairlearn's demographic parity counts label 1 as the selection
+        yk, pk = 1 - yk, 1 - pk
+    frame = MetricFrame(metrics={"tpr": true_positive_rate, "fpr": false_positive_rate,
+                                 "tnr": true_negative_rate, "acc": accuracy_score},
+                        y_true=yk, y_pred=pk, sensitive_features=ak)
+    gaps = frame.difference()
+    assert gaps["tpr"] > 0.1 and gaps["fpr"] > 0.1 and abs(gaps["tpr"] - gaps["fpr"]) > 0.05
+    assert got["eopp1"] == pytest.approx(gaps["tpr"])
+    assert got["eopp0"] == pytest.approx(gaps["tnr"])
+    assert got["eodd"] == pytest.approx(gaps["tpr"] + gaps["fpr"])
+    fl_eodd = equalized_odds_difference(yk, pk, sensitive_features=ak)
+    assert fl_eodd == pytest.approx(max(gaps["tpr"], gaps["fpr"])) and got["eodd"] > fl_eodd
+    assert got["dp_ratio"] == pytest.approx(demographic_parity_ratio(yk, pk,
+                                                                     sensitive_features=ak))
+    for g in (0, 1):
+        assert got[f"accuracy_group{g}"] == pytest.approx(frame.by_group["acc"][g])
+        assert got[f"balanced_accuracy_group{g}"] == pytest.approx(
+            (frame.by_group["tpr"][g] + frame.by_group["tnr"][g]) / 2)

@@ -270,3 +270,36 @@ def test_torch_resnet50_checkpoint_loads_for_the_sweep(tmp_path):
     v = load_model_variables(str(tmp_path / "run0.pt"), create_model("resnet50", 20), "resnet50",
                              (32, 32, 3))
     np.testing.assert_allclose(v["params"]["fc"]["kernel"], net.fc.weight.detach().numpy().T)
+
+
+def test_analyze_reads_forgettability_and_first_drop_from_ap_not_auc():
+    """A constructed sweep whose AP and AUC disagree: a negative (two, for class 1) jumps above
+    both positives among 18 negatives. AP falls by 5/12 (7/12) — past the 20% drop — while
+    AUC falls by only 1/18 (1/9). Hand-computed: first 20% drop at 0.5 for class 0 and 0.9
+    for class 1, relative AP change at 0.9 of -5/12 and -7/12. An analysis reading AUC would
+    find no drop at all."""
+    import ml_collections
+
+    n, sp = 20, [0.0, 0.5, 0.9]
+    labels = np.zeros((n, 2), np.float32)
+    labels[[0, 1], 0] = 1
+    labels[[2, 3], 1] = 1
+    dense = np.tile(np.linspace(0.05, 0.5, n)[:, None], (1, 2))  # negatives, all distinct
+    dense[[0, 1], 0], dense[[2, 3], 1] = (0.9, 0.8), (0.9, 0.8)
+    levels = [dense.copy() for _ in sp]
+    levels[1][10, 0] = 0.95                        # class 0: one negative on top at 0.5
+    levels[2][10, 0] = 0.95
+    levels[2][[10, 11], 1] = (0.97, 0.96)          # class 1: two negatives on top at 0.9
+    preds = np.stack([np.stack(levels)] * 3).astype(np.float32)  # 3 identical runs
+    sweeps = {"meta": {"sparsities": sp, "class_names": ["a", "b"], "prune_types": ["l1"],
+                       "train_class_counts": [50, 5]},
+              "labels": labels, "index": np.arange(n), "l1": preds}
+    cfg = ml_collections.ConfigDict(dict(drop_threshold=0.2, change_level=0.9, pie_level=0.9,
+                                         pie_fraction=0.1))
+    res = A.analyze(sweeps, cfg)["kinds"]["l1"]
+    np.testing.assert_allclose(res["curves"]["ap"][:, 0], [0, -5 / 12, -5 / 12], atol=1e-6)
+    np.testing.assert_allclose(res["curves"]["ap"][:, 1], [0, 0, -7 / 12], atol=1e-6)
+    np.testing.assert_allclose(res["curves"]["auc"][:, 0], [0, -1 / 18, -1 / 18], atol=1e-6)
+    np.testing.assert_allclose(res["curves"]["auc"][:, 1], [0, 0, -1 / 9], atol=1e-6)
+    assert res["first_drop"] == [0.5, 0.9]
+    np.testing.assert_allclose(res["change"], [-5 / 12, -7 / 12], atol=1e-6)

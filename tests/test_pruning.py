@@ -193,25 +193,44 @@ def test_trainable_mask_freezes_weights_bitwise():
     np.testing.assert_array_equal(changed, np.asarray(frozen["d"]["kernel"]))
 
 
-def _realistic_variables(model, size):
-    """Init, then BN statistics from a train-mode pass (eval then normalises sensibly)."""
+def _realistic_variables(model, size, conv_scale=1.0):
+    """Init, then BN statistics from a train-mode pass (eval then normalises sensibly).
+    conv_scale < 1 shrinks the conv kernels first, so the running variances are small, as in
+    real pretrained checkpoints (a variance / std or epsilon mix-up then shows)."""
     x = jnp.asarray(np.random.default_rng(1).normal(size=(8, size, size, 3)), jnp.float32)
     v = model.init(jax.random.PRNGKey(0), x)
-    _, new = model.apply(v, x, train=True, mutable=["batch_stats"])
+    v = {**v, "params": jax.tree_util.tree_map_with_path(
+        lambda p, w: w * conv_scale if "kernel" in str(p[-1]) and w.ndim == 4 else w,
+        v["params"])}
+    update = jax.jit(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"])[1])
+    for _ in range(1 if conv_scale == 1 else 60):  # running stats -> this batch's (0.9^60)
+        new = update(v)
+        v = {**v, "batch_stats": new["batch_stats"]}
     return {"params": v["params"], "batch_stats": new["batch_stats"]}, x
 
 
-@pytest.mark.parametrize("name, kw", [("resnet18", dict(stem="small", width=8)),
-                                      ("resnet56", dict(width=8))])
-def test_compacted_resnet_equals_masked_dense(name, kw):
+@pytest.mark.parametrize("name, kw, conv_scale", [
+    ("resnet18", dict(stem="small", width=8), 1.0),
+    ("resnet56", dict(width=8), 1.0),
+    ("resnet50", dict(stem="small", width=4), 0.1),  # Bottleneck, small running variances
+])
+def test_compacted_resnet_equals_masked_dense(name, kw, conv_scale):
     model = create_model(name, 5, **kw)
-    v, x = _realistic_variables(model, 16)
+    v, x = _realistic_variables(model, 16, conv_scale)
+    if conv_scale < 1:
+        variances = [np.median(s["var"]) for s in jax.tree.leaves(
+            v["batch_stats"], is_leaf=lambda t: isinstance(t, dict) and "var" in t)]
+        assert np.median(variances) < 0.05
     channel = S.channel_masks(S.filter_l1_scores(v["params"]), 0.5)
     pm = S.param_masks(v["params"], channel)
     masked = model.apply({"params": M.apply_masks(v["params"], pm),
                           "batch_stats": v["batch_stats"]}, x)
     small, sv = S.compact(model, v, channel)
     np.testing.assert_allclose(small.apply(sv, x), masked, atol=1e-5)
+    fresh = small.init(jax.random.PRNGKey(1), x)["params"]  # the smaller architecture itself
+    assert jax.tree.map(np.shape, sv["params"]) == jax.tree.map(np.shape, fresh)
+    if name == "resnet50":  # a bottleneck's two pruned convs share weights: no simple formula
+        return
     removed = 0
     for u in S.resnet_units(v["params"]):
         gone = int((~channel[u.name]).sum())
