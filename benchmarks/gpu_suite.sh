@@ -5,7 +5,10 @@
 #   b  train step: PyTorch torch.compile AMP bf16, ResNet-18 / 50
 #   c  pruning (mask sweep, masked vs dense, compaction), PruneCXR sweep, input pipeline
 #   d  BiasPruner task-agnostic inference (2 / 5 / 10 subnetworks, map / vmap vs PyTorch)
-#   usage: bash benchmarks/gpu_suite.sh a|b|c|d [batch]
+#   r  ResNet-50 bf16 at batch 128 and 256 in one call: jaxmed (with MFU) under the default
+#      XLA flags and under the convnet options of the XLA GPU docs (autotune level 4, cuDNN
+#      fusions, no layout-changing copies), PyTorch eager and torch.compile
+#   usage: bash benchmarks/gpu_suite.sh a|b|c|d|r [batch]
 set -uo pipefail
 part=${1:?part a, b, c or d}; batch=${2:-128}
 out=${OUT:-bench_out}; mkdir -p "$out"
@@ -34,4 +37,14 @@ case $part in
   d)
     T=500 run python benchmarks/biaspruner_inference.py --tasks 2,5,10 --n-test 2048 --size 224 \
       --batch "$batch" --dtype bfloat16 --out "$out/biaspruner_inference.json" ;;
+  r)
+    T=150 run python benchmarks/train_step.py --models resnet50 --dtypes bfloat16 \
+      --batch-sizes 128,256 --steps 20 --out "$out/r50_jax_default.json"
+    XLA_FLAGS="--xla_gpu_autotune_level=4 --xla_gpu_enable_cudnn_fusion=true" \
+      T=150 run python benchmarks/train_step.py --models resnet50 --dtypes bfloat16 \
+      --batch-sizes 128,256 --steps 20 --out "$out/r50_jax_xlaflags.json"
+    T=100 run python benchmarks/torch_reference/train_step.py --models resnet50 --modes eager \
+      --dtypes bfloat16 --batch-sizes 128,256 --steps 20 --out "$out/r50_torch_eager.json"
+    T=180 run python benchmarks/torch_reference/train_step.py --models resnet50 --modes compile \
+      --dtypes bfloat16 --batch-sizes 128,256 --steps 20 --out "$out/r50_torch_compile.json" ;;
 esac

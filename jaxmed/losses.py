@@ -6,6 +6,7 @@ attention) and mask padded evaluation rows; reduce with `weighted_mean`.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +15,8 @@ import optax
 
 def weighted_mean(per_sample, weights=None):
     """Mean of per-sample values; with weights, sum(w * l) / max(sum(w), eps)."""
+    if weights is not None:
+        chex.assert_equal_shape([per_sample, weights])
     if weights is None:
         return jnp.mean(per_sample)
     weights = weights.astype(per_sample.dtype)
@@ -148,7 +151,14 @@ LOSSES = ("ce", "bce", "balanced_softmax", "focal", "ldam", "gce", "class_balanc
 def classification_loss(name: str, logits, labels, *, class_counts=None,
                         label_smoothing: float = 0.0, gce_q: float = 0.7,
                         focal_gamma: float = 2.0):
-    """Per-sample training loss by config name (the supervised trainer's switch)."""
+    """Per-sample training loss by config name (the supervised trainer's switch). logits
+    [B, C]; labels [B] class ids, or [B, C] multi-hot for 'bce'."""
+    chex.assert_rank(logits, 2)
+    chex.assert_axis_dimension(labels, 0, logits.shape[0])
+    if name == "bce":
+        chex.assert_equal_shape([logits, labels])
+    elif name != "ce" or jnp.ndim(labels) == 1:
+        chex.assert_rank(labels, 1)
     if name == "ce":
         return cross_entropy(logits, labels, label_smoothing)
     if name == "bce":
