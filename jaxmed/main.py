@@ -124,23 +124,40 @@ def main(argv) -> None:
         # study (PruneCXR runs, continual baselines), reuse them.
         jax.config.update("jax_compilation_cache_dir", os.path.join(FLAGS.workdir, "xla_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    try:
-        with workdir_lib.lock(FLAGS.workdir) if jax.process_index() == 0 else _nothing():
-            if FLAGS.allow_config_change:
-                workdir_lib.write_config(FLAGS.config, FLAGS.workdir, allow_changed=True,
-                                         harmless=harmless)
-            result = module.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except workdir_lib.WorkdirLockedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+    with contextlib.ExitStack() as held:
+        hold_workdir(held, FLAGS.workdir)
+        if FLAGS.allow_config_change:
+            workdir_lib.write_config(FLAGS.config, FLAGS.workdir, allow_changed=True,
+                                     harmless=harmless)
+        result = module.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:
         print("final:", {k: round(v, 4) if isinstance(v, float) else v
                          for k, v in (result or {}).items()}, flush=True)
 
 
-@contextlib.contextmanager
-def _nothing():
-    yield
+def hold_workdir(stack: contextlib.ExitStack, workdir: str) -> None:
+    """Process 0 takes the workdir lock for the run; every process learns whether it got it
+    (so none of them waits forever in a collective when another run holds the workdir)."""
+    import jax
+    import numpy as np
+
+    from jaxmed.train import workdir as workdir_lib
+
+    held_by_other = ""
+    if jax.process_index() == 0:
+        try:
+            stack.enter_context(workdir_lib.lock(workdir))
+        except workdir_lib.WorkdirLockedError as e:
+            held_by_other = str(e)
+    free = not held_by_other
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        free = bool(multihost_utils.broadcast_one_to_all(np.int32(free)))
+    if not free:
+        print(f"error: {held_by_other or workdir + ' is in use by another run'}",
+              file=sys.stderr)
+        sys.exit(3)
 
 
 def run() -> None:

@@ -199,7 +199,7 @@ def _realistic_variables(model, size, conv_scale=1.0):
     real pretrained checkpoints (a variance / std or epsilon mix-up then shows)."""
     x = jnp.asarray(np.random.default_rng(1).normal(size=(8, size, size, 3)), jnp.float32)
     v = model.init(jax.random.PRNGKey(0), x)
-    v = {**v, "params": jax.tree_util.tree_map_with_path(
+    v = {**v, "params": jax.tree.map_with_path(
         lambda p, w: w * conv_scale if "kernel" in str(p[-1]) and w.ndim == 4 else w,
         v["params"])}
     update = jax.jit(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"])[1])

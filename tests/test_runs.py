@@ -65,17 +65,40 @@ def test_which_changes_matter():
     old = json.loads(tiny.get_config().to_json())
     new = json.loads(tiny.get_config().to_json())
     new["train"].update(progress=True, log_every=7, keep_checkpoints=1, epochs=5)
-    new["data"]["num_workers"] = 4
     assert workdir_lib.config_changes(old, new) == []
     new["train"]["epochs"] = 1  # shorter: not the same run
     new["model"]["width"] = 8
-    assert workdir_lib.config_changes(old, new) == [("model.width", 4, 8),
+    new["data"]["num_workers"] = 4  # the saved data position depends on the worker count
+    assert workdir_lib.config_changes(old, new) == [("data.num_workers", 0, 4),
+                                                    ("model.width", 4, 8),
                                                     ("train.epochs", 2, 1)]
+    study_old = {**old, "method": "prunecxr"}
+    study_new = json.loads(json.dumps(study_old))
+    study_new["train"]["epochs"] = 5  # a study's finished runs would keep 2 epochs: matters
+    assert workdir_lib.config_changes(study_old, study_new) == [("train.epochs", 2, 5)]
+    assert workdir_lib.config_changes(study_old, study_new, harmless=("train.epochs",)) == []
     cosine = json.loads(tiny.get_config().to_json())
     cosine["train"]["schedule"] = "cosine"
     longer = json.loads(json.dumps(cosine))
     longer["train"]["epochs"] = 4  # stretches the cosine schedule: matters
     assert workdir_lib.config_changes(cosine, longer) == [("train.epochs", 2, 4)]
+
+
+def test_a_start_that_failed_before_any_result_leaves_a_fresh_workdir(tmp_path):
+    """A first start that wrote config.json and then failed (e.g. a batch that does not split
+    over the devices) does not block the corrected rerun."""
+    w = tmp_path / "w"
+    bad = tiny.get_config()
+    bad.train.batch_size = 12
+    workdir_lib.write_config(bad, str(w))
+    (w / "xla_cache").mkdir()
+    good = tiny.get_config()
+    assert workdir_lib.check_config(good, str(w)) == []
+    workdir_lib.write_config(good, str(w))
+    assert json.loads((w / "config.json").read_text())["train"]["batch_size"] == 16
+    (w / "checkpoints").mkdir()  # now it holds results: the same change is refused
+    with pytest.raises(workdir_lib.ConfigChangedError, match="train.batch_size: 16 -> 12"):
+        workdir_lib.check_config(bad, str(w))
 
 
 def test_second_run_on_a_locked_workdir_stops_naming_the_holder(tmp_path):

@@ -57,4 +57,5 @@ def test_resumed_writer_appends_and_reader_keeps_latest(tmp_path):
         w.close()
     assert len(open(tmp_path / "metrics.jsonl").readlines()) == 2
     assert read_metrics(str(tmp_path / "metrics.jsonl"))[5]["train/loss"] == 2.0
-    assert tensorboard_scalars(str(tmp_path / "tensorboard"))["train/loss"][5] in (1.0, 2.0)
+    # tensorboard reads both event files; at a repeated step the resumed run's value wins
+    assert tensorboard_scalars(str(tmp_path / "tensorboard"))["train/loss"] == {5: 2.0}

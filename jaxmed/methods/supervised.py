@@ -81,6 +81,9 @@ def build_run(config) -> Run:
     model = build.build_model(config.model, info.num_classes)
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     steps_per_epoch = len(ds["train"]) // tcfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"config.train.batch_size={tcfg.batch_size} is larger than the "
+                         f"{len(ds['train'])} training images of {info.name}")
     tx = build.make_optimizer(tcfg, build.total_steps(tcfg, steps_per_epoch))
     variables = build.init_variables(model, config.model, init_rng, (size, size, channels))
     pruned = config.pruning.criterion != "none"

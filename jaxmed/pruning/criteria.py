@@ -25,7 +25,7 @@ from jaxmed.pruning.masks import Mask, _is_none, default_predicate, path_name
 
 def select(params, predicate: Callable[[str, Any], bool] = default_predicate):
     """params with None on leaves the predicate does not select (the pruning scope)."""
-    return jax.tree_util.tree_map_with_path(
+    return jax.tree.map_with_path(
         lambda p, v: v if predicate(path_name(p), v) else None, params)
 
 

@@ -36,7 +36,7 @@ def default_predicate(path: str, value) -> bool:
 def build_masks(params, predicate: Callable[[str, Any], bool] = default_predicate,
                 fill: bool = True) -> Mask:
     """All-`fill` bool masks on the leaves the predicate selects, None elsewhere."""
-    return jax.tree_util.tree_map_with_path(
+    return jax.tree.map_with_path(
         lambda p, v: jnp.full(np.shape(v), fill, bool) if predicate(path_name(p), v) else None,
         params)
 
@@ -74,8 +74,8 @@ def sparsity(masks: Mask, params=None) -> float:
 def layer_report(masks: Mask, params=None) -> dict[str, dict[str, float]]:
     """Per masked leaf: kept, total and sparsity."""
     out = {}
-    flat_m = jax.tree_util.tree_flatten_with_path(masks, is_leaf=_is_none)[0]
-    flat_p = dict(jax.tree_util.tree_flatten_with_path(params)[0]) if params is not None else {}
+    flat_m = jax.tree.flatten_with_path(masks, is_leaf=_is_none)[0]
+    flat_p = dict(jax.tree.flatten_with_path(params)[0]) if params is not None else {}
     for path, m in flat_m:
         if m is None:
             continue

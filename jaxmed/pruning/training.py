@@ -68,8 +68,6 @@ class ScheduledPruning:
                                                 start=cfg.start_step, end=cfg.end_step,
                                                 frequency=cfg.frequency, initial=cfg.initial)
 
-    initial_masks = staticmethod(initial_masks)
-
     def counts(self, params, target: float):
         """Weights to prune at `target` (host ints, so the jitted step never recompiles)."""
         scoped = criteria.select(params)

@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from jaxmed.report import write_csv
+from jaxmed.train import sharding
 
 
 def check_methods_and_seeds(methods, seeds, known: Sequence[str], key: str) -> None:
@@ -44,7 +45,8 @@ def run_all(workdir: str, methods: Sequence[str], seeds: Sequence[int],
             run_one: Callable[[str, int, str], Mapping[str, float]]
             ) -> dict[str, list[dict[str, float]]]:
     """{method: [result of each seed]}; `run_one(method, seed, run_workdir)` returns a flat
-    dict of final metrics (floats). Finished runs are read back, not rerun."""
+    dict of final metrics (floats), the same on every process. Finished runs are read back, not
+    rerun. Call `write_comparison` / figures from the lead process only."""
     results: dict[str, list[dict[str, float]]] = {}
     for method in methods:
         for seed in seeds:
@@ -53,12 +55,13 @@ def run_all(workdir: str, methods: Sequence[str], seeds: Sequence[int],
             if os.path.exists(path):
                 with open(path) as f:
                     result = json.load(f)
-            else:
+            else:  # every process takes part in the run; the lead writes its result
                 os.makedirs(d, exist_ok=True)
                 result = {k: _to_float(v) for k, v in dict(run_one(method, seed, d)).items()}
-                with open(path + ".tmp", "w") as f:
-                    json.dump(result, f, indent=1)
-                os.replace(path + ".tmp", path)
+                if sharding.is_lead_process():
+                    with open(path + ".tmp", "w") as f:
+                        json.dump(result, f, indent=1)
+                    os.replace(path + ".tmp", path)
             results.setdefault(method, []).append(result)
     return results
 

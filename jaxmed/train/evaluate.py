@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 import chex
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxmed import metrics
@@ -24,35 +26,33 @@ def predict(fn: Callable[[dict], Any], batches: Iterable[dict], mesh, *, sample_
     `batches` yields this process's host-local rows (as `eval_batches` does); each becomes a
     global array sharded on the mesh's `data` axis. `fn` returns a dict of arrays whose
     `sample_axis` runs over the batch; the batch's own `keys` (index, label, attrs...) are
-    returned beside them. Nothing is fetched until the pass is over: one device-to-host
-    transfer (an all-gather across processes) per pass."""
-    outs = []
+    returned beside them. Nothing is fetched until the pass is over: the outputs are
+    concatenated on device, then fetched in one transfer (one all-gather per key across
+    processes)."""
+    outs, extras = [], []
     for b in batches:
         g = sharding.to_global(b, mesh)
         out = fn(g)
         chex.assert_axis_dimension(out[next(iter(out))], sample_axis, g["valid"].shape[0])
-        outs.append((out, g["valid"], {k: g[k] for k in keys}))
+        outs.append(out)
+        extras.append({"valid": g["valid"], **{k: g[k] for k in keys}})
     if not outs:
         raise ValueError("predict: the split yielded no batch")
-    host = sharding.to_host(outs)
-    valid = np.concatenate([v for _, v, _ in host]).astype(bool)
-    result = {}
-    for k in host[0][0]:
-        cat = np.concatenate([o[k] for o, _, _ in host], axis=sample_axis)
-        result[k] = np.compress(valid, cat, axis=sample_axis)
-    for k in keys:
-        result[k] = _concat_rows([extra[k] for _, _, extra in host], valid)
+    # Concatenated on device, then one transfer (one all-gather per key across processes).
+    out, extra = sharding.to_host((_concat(outs, sample_axis), _concat(extras, 0)))
+    valid = np.asarray(extra.pop("valid")).astype(bool)
+    result = {k: np.compress(valid, v, axis=sample_axis) for k, v in out.items()}
+    result.update(jax.tree.map(lambda v: np.asarray(v)[valid], extra))
     if "index" in result:
         order = np.argsort(result["index"], kind="stable")
-        result = {k: _take(v, order, sample_axis if k not in keys else 0)
+        result = {k: _take(v, order, sample_axis if k in out else 0)
                   for k, v in result.items()}
     return result
 
 
-def _concat_rows(parts, valid):
-    if isinstance(parts[0], dict):
-        return {k: _concat_rows([p[k] for p in parts], valid) for k in parts[0]}
-    return np.concatenate(parts)[valid]
+def _concat(trees: list, axis: int):
+    return jax.tree.map(lambda *xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=axis),
+                        *trees)
 
 
 def _take(v, order, axis):

@@ -4,9 +4,10 @@ config changes, and the lock that keeps two runs out of one workdir.
 A workdir belongs to one experiment. On resume the new config is compared with the one the
 workdir holds; a key that changes the experiment stops the run before anything is written,
 listing each differing key with its old and new value. Keys that cannot change results may
-differ (`HARMLESS`), and so may `train.epochs` / `train.steps` when they grow under a schedule
-that does not depend on the run's length (`schedule='constant'`; a cosine schedule is stretched
-by its total). `--allow_config_change` resumes anyway: `config.json` keeps the original and
+differ (`HARMLESS`, and a method's own `HARMLESS_KEYS`), and so may `train.epochs` /
+`train.steps` of a supervised run when they grow under a schedule that does not depend on the
+run's length (`schedule='constant'`; a cosine schedule is stretched by its total). A workdir in
+which a run failed before writing any result counts as fresh. `--allow_config_change` resumes anyway: `config.json` keeps the original and
 `config_history.jsonl` records each accepted change with the time and host.
 """
 
@@ -23,10 +24,13 @@ from typing import Any
 from jaxmed.train import sharding
 
 # Keys that change how a run is observed or scheduled on the machine, never what it computes.
+# (Not data.num_workers: the saved data-iterator position depends on the worker count.)
 HARMLESS = ("train.progress", "train.log_every", "train.checkpoint_every",
-            "train.keep_checkpoints", "data.num_workers")
+            "train.keep_checkpoints")
 LENGTH_KEYS = ("train.epochs", "train.steps")
 HISTORY = "config_history.jsonl"
+# What a run that failed before producing anything leaves behind: such a workdir is fresh.
+NO_RESULTS = {"config.json", HISTORY, ".lock", "xla_cache", "tensorboard"}
 
 
 class ConfigChangedError(ValueError):
@@ -51,10 +55,17 @@ def _as_json(config) -> dict:
     return json.loads(config.to_json())
 
 
+def has_results(workdir: str) -> bool:
+    """Whether a run in `workdir` got as far as writing results (checkpoints, metrics, sub-runs,
+    reports): a start that failed before that (a bad batch size, say) leaves a fresh workdir."""
+    return os.path.isdir(workdir) and bool(set(os.listdir(workdir)) - NO_RESULTS)
+
+
 def effective_config(workdir: str) -> dict | None:
-    """The config the workdir's run is under: config.json, with the last accepted change."""
+    """The config the workdir's run is under: config.json, with the last accepted change;
+    None for a fresh workdir."""
     path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    if not os.path.exists(path) or not has_results(workdir):
         return None
     with open(path) as f:
         config = json.load(f)
@@ -74,8 +85,10 @@ def config_changes(old: dict, new: dict, harmless: tuple[str, ...] = ()
     a, b = flatten(old), flatten(new)
     changed = [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
                if a.get(k, "<absent>") != b.get(k, "<absent>")]
-    constant = b.get("train.schedule", "constant") == "constant" and a.get(
-        "train.schedule", "constant") == "constant"
+    # A longer run continues the same experiment only for one supervised run under a constant
+    # learning rate (a study of several runs would mix finished short runs with long ones).
+    constant = (b.get("train.schedule", "constant") == "constant" == a.get(
+        "train.schedule", "constant") and a.get("method") == b.get("method") == "supervised")
 
     def matters(key, was, now):
         if key in HARMLESS or key in harmless:
@@ -116,6 +129,8 @@ def write_config(config, workdir: str, *, allow_changed: bool = False,
     new = _as_json(config)
     if effective_config(workdir) is None:
         os.makedirs(workdir, exist_ok=True)
+        if os.path.exists(os.path.join(workdir, HISTORY)):  # left by a start that failed
+            os.remove(os.path.join(workdir, HISTORY))
         path = os.path.join(workdir, "config.json")
         with open(path + ".tmp", "w") as f:
             f.write(config.to_json(indent=2))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from typing import Any, Mapping
 
 import numpy as np
@@ -47,7 +48,11 @@ class TensorBoardWriter:
     def __init__(self, logdir: str):
         from tensorboardX import SummaryWriter
 
-        self._writer = SummaryWriter(logdir=logdir, flush_secs=5)
+        # tensorboardX names files by the second; a suffix in ns keeps two writers of one
+        # second (a quick resume, consecutive phases) from sharing, or truncating, a file, and
+        # keeps the names in time order (readers load files in name order).
+        self._writer = SummaryWriter(logdir=logdir, flush_secs=5,
+                                     filename_suffix=f".{time.time_ns()}.{os.getpid()}")
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         for k, v in scalars.items():

@@ -24,6 +24,9 @@ cfg = tiny.get_config()
 ds = build_data(cfg.data)
 model = build.build_model(cfg.model, ds.info.num_classes)
 variables = build.init_variables(model, cfg.model, jax.random.PRNGKey(0), (16, 16, 3))
+# Plain SGD: each parameter's update is -lr x its own gradient, so every per-leaf gradient of
+# the sharded step shows in the comparison (Adam's first step is ~ -lr x sign(g)).
+cfg.train.optimizer, cfg.train.momentum, cfg.train.lr = "sgd", 0.0, 0.5
 tx = build.make_optimizer(cfg.train, 10)
 step = steps.make_train_step(model, tx, loss_name="ce", multi_label=False)
 batch = next(train_stream(ds["train"], global_batch=16, seed=0, num_epochs=1,
@@ -41,8 +44,10 @@ for n in (jax.device_count(), 1):
     new, metrics = train_step(state, g)
     out[f"loss_{tag}"] = np.asarray(metrics["loss"])
     out[f"grad_norm_{tag}"] = np.asarray(metrics["grad_norm"])
+    old = flax.traverse_util.flatten_dict(jax.device_get(variables["params"]), sep="/")
     for k, v in flax.traverse_util.flatten_dict(jax.device_get(new.params), sep="/").items():
         out[f"p/{k}_{tag}"] = np.asarray(v)
+        out[f"g/{k}_{tag}"] = (old[k] - np.asarray(v)) / cfg.train.lr  # the gradient used
     for k, v in flax.traverse_util.flatten_dict(jax.device_get(new.batch_stats),
                                                 sep="/").items():
         out[f"p/bn/{k}_{tag}"] = np.asarray(v)
