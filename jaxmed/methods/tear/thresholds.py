@@ -98,8 +98,10 @@ class FreeMatchState:
     def init(cls, num_classes: int) -> "FreeMatchState":
         """The paper's tau_0 = p~_0 = h~_0 = 1/C. (USB's code starts them at 1, so its
         global threshold decays from 1 instead of rising from 1/C.)"""
-        u = jnp.full((num_classes,), 1.0 / num_classes, jnp.float32)
-        return cls(time_p=jnp.asarray(1.0 / num_classes, jnp.float32), p_model=u, label_hist=u)
+        u = lambda: jnp.full((num_classes,), 1.0 / num_classes, jnp.float32)  # noqa: E731
+        # two buffers: a donated state must not hold one buffer twice
+        return cls(time_p=jnp.asarray(1.0 / num_classes, jnp.float32), p_model=u(),
+                   label_hist=u())
 
 
 def freematch_update(state: FreeMatchState, probs, valid=None,
