@@ -51,7 +51,9 @@ def default_config() -> ml_collections.ConfigDict:
         num_classes=4, num_train=2000, num_val=400, num_test=800, imbalance=1.0,
         test_imbalance=1.0, bias_rate=ml_collections.config_dict.placeholder(float),
         test_bias_rate=ml_collections.config_dict.placeholder(float), num_attr_values=2,
-        class_cue="color_shape", multi_label=False))
+        class_cue="color_shape", multi_label=False,
+        with_mask=False,  # records carry lesion masks (segmentation, localisation)
+        hard_rate=0.0, hard_kind="small"))  # a rare hard sub-population (attrs['hard'])
     return c
 
 
@@ -59,7 +61,8 @@ def _synthetic(cfg) -> Dataset:
     s = cfg.synthetic
     size = cfg.image_size
     base = dict(num_classes=s.num_classes, image_size=size, class_cue=s.class_cue,
-                multi_label=s.multi_label, num_attr_values=s.num_attr_values)
+                multi_label=s.multi_label, num_attr_values=s.num_attr_values,
+                with_mask=s.with_mask, hard_rate=s.hard_rate, hard_kind=s.hard_kind)
     train = SyntheticSource(SyntheticSpec(num_samples=s.num_train, imbalance=s.imbalance,
                                           bias_rate=s.bias_rate, seed=1, **base))
     val = SyntheticSource(SyntheticSpec(num_samples=s.num_val, imbalance=s.imbalance,
@@ -67,8 +70,8 @@ def _synthetic(cfg) -> Dataset:
     test = SyntheticSource(SyntheticSpec(num_samples=s.num_test, imbalance=s.test_imbalance,
                                          bias_rate=s.test_bias_rate, seed=3, **base))
     names = [f"class_{c}" for c in range(s.num_classes)]
-    info = DatasetInfo("synthetic", names, bool(s.multi_label), 3, size, ["bias"],
-                       train.class_counts)
+    info = DatasetInfo("synthetic", names, bool(s.multi_label), 3, size,
+                       ["bias", "hard"] if s.hard_rate > 0 else ["bias"], train.class_counts)
     return Dataset({"train": train, "val": val, "test": test}, info)
 
 
@@ -200,5 +203,6 @@ def image_channels(cfg, info: DatasetInfo) -> int:
     return int(cfg.channels) if cfg.channels else info.channels
 
 
-__all__ = ["Dataset", "DatasetInfo", "build", "check_disjoint", "check_usable",
-           "default_config", "register"]
+__all__ = ["BUILDERS", "Dataset", "DatasetInfo", "SPLITS", "build", "check_disjoint",
+           "check_usable", "decode_image", "default_config", "image_channels", "image_size",
+           "ImageError", "register", "source_labels"]

@@ -11,6 +11,7 @@ grain worker processes (`num_workers`); batches are numpy dicts of uint8 images.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from typing import Any, Iterator
@@ -273,3 +274,128 @@ def split_by_class_groups(source, groups: list[list[int]]) -> list[SubsetSource]
     if len(seen) != len(set(seen)):
         raise ValueError(f"class groups overlap: {groups}")
     return [SubsetSource(source, np.flatnonzero(np.isin(labels, g))) for g in groups]
+
+
+# ------------------------------------------------------------ weighted (over)sampling stream
+def weighted_epoch_order(n: int, per_epoch: int, seed: int, epoch: int,
+                         weights: np.ndarray | None = None) -> np.ndarray:
+    """Source indices of one epoch of a source of n samples (`per_epoch` of them).
+
+    weights None: `train_stream`'s order (the epoch's permutation, trimmed to whole batches).
+    Otherwise systematic resampling: sample i appears floor(e_i) or ceil(e_i) times, where
+    e_i = per_epoch * w_i / sum(w) (the expected counts with the least variance, unlike
+    independent draws), and the epoch is shuffled; the epoch's length does not change."""
+    if weights is None:
+        return np.random.default_rng([seed, 3, epoch]).permutation(n)[:per_epoch]
+    w = np.asarray(weights, np.float64)
+    if w.shape != (n,) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"sampling weights must be {n} finite values >= 0, not all 0; got "
+                         f"shape {w.shape}")
+    rng = np.random.default_rng([seed, 8, epoch])
+    cum = np.cumsum(w / w.sum() * per_epoch)
+    picks = np.searchsorted(cum, rng.random() + np.arange(per_epoch), side="right")
+    return rng.permutation(np.minimum(picks, n - 1))
+
+
+@dataclasses.dataclass
+class _LoadOrdered:
+    source: Any
+    order: np.ndarray  # this epoch's source indices
+    offset: int  # global position of the epoch's first sample (augmentation seeds)
+    preprocess: Preprocess
+
+    def __call__(self, j: int) -> dict:
+        j = int(j)
+        return self.preprocess(self.offset + j, self.source[int(self.order[j])])
+
+
+class WeightedSamplingIterator:
+    """Training batches drawn by per-sample sampling weights that may change between epochs
+    (`set_weights`: from the next epoch on), checkpointable through grain's orbax handler
+    (`get_state` / `set_state`: epoch, step, the weights in force and any pending ones).
+
+    With no weights it yields exactly `train_stream`'s batches. Each epoch is a grain dataset
+    over that epoch's order (positions p, p+P, ... for process p of P, as `train_stream`), so
+    decoding runs in grain workers when num_workers > 0. Weights are stored as float lists in
+    the JSON state: meant for sets of up to ~1e5 samples (HTL: lambda on the hard ones)."""
+
+    def __init__(self, source, *, global_batch: int, preprocess: Preprocess, seed: int,
+                 num_epochs: int, weights=None, num_workers: int = 0,
+                 process_index: int | None = None, process_count: int | None = None):
+        self.p, self.count = process_layout(process_index, process_count)
+        self.local = local_batch_size(global_batch, self.count)
+        self.steps = len(source) // global_batch
+        if self.steps == 0:
+            raise ValueError(f"training set of {len(source)} samples is smaller than one global "
+                             f"batch of {global_batch}")
+        self.source, self.global_batch, self.preprocess = source, global_batch, preprocess
+        self.seed, self.num_epochs, self.num_workers = seed, num_epochs, num_workers
+        self.epoch, self.step = 0, 0
+        self.weights = self._check(weights)
+        self.pending = None
+        self._inner = None
+
+    def _check(self, weights):
+        if weights is None:
+            return None
+        w = [float(x) for x in np.asarray(weights, np.float64).ravel()]
+        if len(w) != len(self.source):
+            raise ValueError(f"{len(w)} sampling weights for a source of {len(self.source)}")
+        return w
+
+    def set_weights(self, weights) -> None:
+        """Weights (one per source position, None = uniform) for every epoch not yet begun."""
+        self.pending = self._check(weights)
+        if self.step == 0 and self._inner is None:  # the current epoch has not begun
+            self.weights, self.pending = self.pending, None
+
+    def _start_epoch(self):
+        per_epoch = self.steps * self.global_batch
+        order = weighted_epoch_order(len(self.source), per_epoch, self.seed, self.epoch,
+                                     None if self.weights is None else np.asarray(self.weights))
+        ds = grain.MapDataset.range(per_epoch)[self.p::self.count][self.step * self.local:]
+        ds = ds.map(_LoadOrdered(self.source, order, self.epoch * per_epoch, self.preprocess))
+        self._inner = iter(_maybe_prefetch(ds.batch(self.local, drop_remainder=True),
+                                           self.num_workers))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self.step == self.steps:
+            self.epoch, self.step, self._inner = self.epoch + 1, 0, None
+            if self.pending is not None:
+                self.weights, self.pending = self.pending, None
+        if self.epoch >= self.num_epochs:
+            raise StopIteration
+        if self._inner is None:
+            self._start_epoch()
+        batch = next(self._inner)
+        self.step += 1
+        return batch
+
+    def get_state(self) -> bytes:
+        return json.dumps({"epoch": self.epoch, "step": self.step, "weights": self.weights,
+                           "pending": self.pending}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        s = json.loads(state.decode() if isinstance(state, bytes) else state)
+        self.epoch, self.step = int(s["epoch"]), int(s["step"])
+        self.weights, self.pending = s["weights"], s["pending"]
+        self._inner = None
+
+    def start_prefetch(self) -> None:  # grain's checkpoint handler calls it after restoring
+        pass
+
+
+def weighted_train_stream(source, *, global_batch: int, preprocess: Preprocess, seed: int,
+                          num_epochs: int, weights=None, num_workers: int = 0,
+                          process_index: int | None = None, process_count: int | None = None
+                          ) -> TrainStream:
+    """A `TrainStream` whose sampling weights can change between epochs
+    (`stream.iterator.set_weights(w)`); see `WeightedSamplingIterator`."""
+    it = WeightedSamplingIterator(source, global_batch=global_batch, preprocess=preprocess,
+                                  seed=seed, num_epochs=num_epochs, weights=weights,
+                                  num_workers=num_workers, process_index=process_index,
+                                  process_count=process_count)
+    return TrainStream(it, it.steps, num_epochs)

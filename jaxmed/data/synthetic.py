@@ -11,6 +11,12 @@ Each image is a skin-like background (tone, smooth texture, noise) with a lesion
   class_cue     'color_shape' (colour and outline differ: easy) or 'shape' (one lesion colour,
                 classes differ only by outline: the spurious tone is easier to learn)
   multi_label   C findings drawn independently, each a coloured glyph at its own place
+  hard_rate     fraction of a rare hard sub-population (single-label lesions only), marked
+                attrs['hard'] = 1 (the key exists only when hard_rate > 0); which samples are
+                hard, and how hard, come from their own RNG streams, so every other sample (and
+                hard_rate = 0: the whole set) is drawn exactly as without the knob
+  hard_kind     'small' (radius x 0.3-0.45), 'low_contrast' (lesion colour 12-25% of the way
+                from the skin tone to its usual colour) or 'both' (small and faint at once)
   seed          everything (labels, attributes, images) is a function of (seed, index)
 
 Records follow the jaxmed contract: image uint8 HxWx3, label (int or float multi-hot), attrs
@@ -31,6 +37,7 @@ PALETTE = np.array([  # distinct lesion / glyph colours (RGB)
     [170, 110, 200], [220, 200, 60], [90, 0, 60]], np.float32)
 TONES = np.array([[225, 190, 165], [120, 80, 60], [180, 140, 110], [90, 60, 45]], np.float32)
 LOBES = (0, 3, 5, 7, 2, 4, 6, 8, 9, 10)
+HARD_KINDS = ("small", "low_contrast", "both")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +53,8 @@ class SyntheticSpec:
     noise: float = 8.0
     seed: int = 0
     with_mask: bool = False  # records carry the lesion mask (localisation tasks)
+    hard_rate: float = 0.0  # rare hard sub-population (see the module docstring)
+    hard_kind: str = "small"  # 'small' | 'low_contrast' | 'both'
 
     def __post_init__(self):
         if self.class_cue not in ("color_shape", "shape"):
@@ -54,6 +63,12 @@ class SyntheticSpec:
             raise ValueError(f"imbalance is n_min / n_max in (0, 1], got {self.imbalance}")
         if self.num_classes > len(PALETTE):
             raise ValueError(f"at most {len(PALETTE)} synthetic classes")
+        if not 0.0 <= self.hard_rate <= 1.0:
+            raise ValueError(f"hard_rate must be in [0, 1], got {self.hard_rate}")
+        if self.hard_kind not in HARD_KINDS:
+            raise ValueError(f"hard_kind must be one of {HARD_KINDS}, got {self.hard_kind!r}")
+        if self.hard_rate > 0 and self.multi_label:
+            raise ValueError("hard_rate applies to single-label lesions, not multi_label glyphs")
 
 
 def class_counts(num_samples: int, num_classes: int, imbalance: float) -> np.ndarray:
@@ -92,6 +107,9 @@ class SyntheticSource:
             aligned = rng.random(n) < spec.bias_rate
             other = (base + rng.integers(1, a, n)) % a if a > 1 else base
             self.bias = np.where(aligned, base, other)
+        # its own stream: drawing it (or not) leaves every other draw above and below unchanged
+        self.hard = (np.random.default_rng([spec.seed, 5]).random(n) < spec.hard_rate
+                     if spec.hard_rate > 0 else np.zeros(n, bool))
 
     def __len__(self) -> int:
         return self.spec.num_samples
@@ -108,6 +126,8 @@ class SyntheticSource:
         rec = {"image": image,
                "label": label.astype(np.float32) if self.spec.multi_label else np.int32(label),
                "attrs": {"bias": np.int32(self.bias[index])}, "index": np.int32(index)}
+        if self.spec.hard_rate > 0:
+            rec["attrs"]["hard"] = np.int32(self.hard[index])
         if self.spec.with_mask:
             rec["mask"] = mask * np.uint8(255)
         return rec
@@ -125,14 +145,26 @@ class SyntheticSource:
         if s.multi_label:
             mask = self._draw_glyphs(img, np.flatnonzero(self.labels[index]), xx, yy, rng)
         else:
-            mask = self._draw_lesion(img, int(self.labels[index]), xx, yy, rng)
+            mask = self._draw_lesion(img, int(self.labels[index]), xx, yy, rng,
+                                     self._hardness(index), tone)
         img += rng.normal(0, s.noise, img.shape)
         return np.clip(img, 0, 255).astype(np.uint8), mask
 
-    def _draw_lesion(self, img, label, xx, yy, rng):
+    def _hardness(self, index: int) -> tuple[float, float]:
+        """(radius scale, contrast) of a sample: (1, 1) unless it is hard; drawn from the
+        sample's own hard stream, never from its image stream."""
+        if not self.hard[index]:
+            return 1.0, 1.0
+        rng = np.random.default_rng([self.spec.seed, 6, index])
+        scale, contrast = rng.uniform(0.3, 0.45), rng.uniform(0.12, 0.25)
+        kind = self.spec.hard_kind
+        return (scale if kind in ("small", "both") else 1.0,
+                contrast if kind in ("low_contrast", "both") else 1.0)
+
+    def _draw_lesion(self, img, label, xx, yy, rng, hardness=(1.0, 1.0), tone=None):
         s = self.spec
         cy, cx = 0.5 + rng.uniform(-0.12, 0.12, 2)
-        r0 = rng.uniform(0.17, 0.27)
+        r0 = rng.uniform(0.17, 0.27) * hardness[0]
         lobes = LOBES[label % len(LOBES)] + 2 * (label // len(LOBES))
         theta = np.arctan2(yy - cy, xx - cx)
         dist = np.hypot(yy - cy, xx - cx)
@@ -142,6 +174,8 @@ class SyntheticSource:
         color = color + rng.normal(0, 10, 3)
         shade = np.clip(1.0 - dist / np.maximum(radius, 1e-6), 0, 1)[..., None]
         lesion = color[None, None, :] * (0.75 + 0.25 * (1 - shade))
+        if hardness[1] != 1.0:  # faint: part of the way from the skin tone to the lesion
+            lesion = tone[None, None, :] + hardness[1] * (lesion - tone[None, None, :])
         img[inside] = lesion[inside]
         return inside.astype(np.uint8)
 

@@ -132,3 +132,13 @@ def load_encoder(variables: Mapping[str, Any], state_dict: Mapping[str, Any],
     loaded = convert.convert_state_dict(state_dict, arch, target=target)
     return {**variables, **{col: {**variables[col], "encoder": loaded[col]}
                             for col in ("params", "batch_stats")}}
+
+
+def encoder_of(resnet: ResNet) -> ResNetEncoder:
+    """The trunk of a ResNet classifier as a module returning its stage outputs; it takes the
+    classifier's variables minus `fc` (class activation maps read its last stage)."""
+    if not isinstance(resnet, ResNet):
+        raise ValueError(f"a ResNet is needed for its trunk, got {type(resnet).__name__}")
+    return ResNetEncoder(stage_sizes=resnet.stage_sizes, block=resnet.block, width=resnet.width,
+                         stem=resnet.stem, shortcut=resnet.shortcut,
+                         inner_widths=resnet.inner_widths, dtype=resnet.dtype)
