@@ -96,3 +96,19 @@ def mask_penalty(params, window=None):
         return jnp.mean(dev)
     w = jnp.broadcast_to(jnp.asarray(window)[:, :, None], dev.shape)
     return jnp.sum(jnp.where(w, dev, 0.0)) / jnp.maximum(jnp.sum(w), 1)
+
+
+def radial_filter(images, cutoff: float, keep: str = "low"):
+    """Low- or high-pass filtered images (B, H, W, C), float32: the frequencies with normalised
+    radius r = |f| / 0.5 (f in cycles per pixel; r = 1 at the Nyquist frequency of an axis)
+    r <= cutoff are kept ('low') or removed ('high'); phase and kept amplitudes are untouched.
+    The teacher's frequency preference is its response to both (FoPro-KD's observation)."""
+    if keep not in ("low", "high"):
+        raise ValueError(f"radial_filter keep={keep!r}: use 'low' or 'high'")
+    _, height, width, _ = images.shape
+    fy = np.fft.fftfreq(height)[:, None]
+    fx = np.fft.rfftfreq(width)[None, :]
+    low = jnp.asarray(np.hypot(fy, fx) / 0.5) <= cutoff  # cutoff may be traced
+    m = jnp.where(low if keep == "low" else ~low, 1.0, 0.0)[None, :, :, None]
+    spectrum = jnp.fft.rfft2(jnp.asarray(images, jnp.float32), axes=(1, 2))
+    return jnp.fft.irfft2(spectrum * m, s=(height, width), axes=(1, 2)).astype(jnp.float32)

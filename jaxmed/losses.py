@@ -197,3 +197,11 @@ def dice_bce(logits, targets, dice_weight: float = 1.0, bce_weight: float = 1.0,
     bce = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), t)
     bce = jnp.mean(bce.reshape(bce.shape[0], -1), -1)
     return bce_weight * bce + dice_weight * soft_dice_loss(logits, t, smooth)
+
+
+__all__ = [
+    "balanced_softmax", "binary_cross_entropy", "class_balanced", "class_balanced_weights",
+    "classification_loss", "cosine_kd", "cross_entropy", "dice_bce", "drw_weights",
+    "feature_kd", "focal", "gce", "kd", "ldam", "ldam_margins", "log_prior", "logit_adjusted",
+    "soft_cross_entropy", "soft_dice_loss", "weighted_mean", "LOSSES",
+]

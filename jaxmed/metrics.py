@@ -255,3 +255,55 @@ def segmentation_metrics(pred, target, threshold: float = 0.5) -> dict:
     return {"iou": float(np.mean(j)),
             "dice": float(np.mean(dice_per_image(pred, target, threshold))),
             "thresholded_jaccard": _thresholded(j, ISIC_JACCARD_CUTOFF)}
+
+
+# ------------------------------------------------------------------------------ long tail
+def class_groups(train_counts, boundaries=()) -> np.ndarray:
+    """Group of each class by its training count: 0 head, 1 medium, 2 tail.
+
+    No boundaries: thirds of the classes ranked by count (ties by class index; with C not a
+    multiple of 3 the head, then the medium group, get the extra class: 8 -> 3 / 3 / 2).
+    boundaries=(many, few): head count > many, tail count < few, medium otherwise (the
+    many / medium / few-shot convention, e.g. (100, 20))."""
+    counts = np.asarray(train_counts, np.int64)
+    groups = np.ones(len(counts), np.int64)
+    if len(boundaries):
+        many, few = boundaries
+        if few > many:
+            raise ValueError(f"group boundaries (many, few)={tuple(boundaries)} need few <= many")
+        groups[counts > many] = 0
+        groups[counts < few] = 2
+        return groups
+    order = np.argsort(-counts, kind="stable")
+    for g, part in enumerate(np.array_split(order, 3)):
+        groups[part] = g
+    return groups
+
+
+def per_class_recall(y_true, y_pred, num_classes: int) -> np.ndarray:
+    """Recall of each class (NaN for a class absent from y_true)."""
+    cm = confusion_matrix(y_true, y_pred, num_classes)
+    support = cm.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(support > 0, np.diag(cm) / np.maximum(support, 1), np.nan)
+
+
+def group_accuracies(y_true, y_pred, groups) -> dict:
+    """head_acc / medium_acc / tail_acc: the mean recall of the group's classes present in
+    y_true (on a balanced test set, the group's accuracy); NaN for a group with none."""
+    recall = per_class_recall(y_true, y_pred, len(groups))
+    groups = np.asarray(groups)
+    return {f"{name}_acc": float(_nanmean(recall[groups == g])) if np.any(
+        (groups == g) & ~np.isnan(recall)) else float("nan")
+        for g, name in enumerate(("head", "medium", "tail"))}
+
+
+__all__ = [
+    "accuracy", "balanced_accuracy", "binary_auc", "binary_average_precision", "binary_counts",
+    "class_groups", "confusion_matrix", "continual_summary", "dice_per_image",
+    "f1_from_counts", "fairness", "group_accuracies", "iou_per_image", "macro_auc",
+    "mean_average_precision", "multi_label_metrics", "one_hot", "per_class_ap",
+    "per_class_auc", "per_class_recall", "rank_average", "segmentation_metrics",
+    "sensitivity_specificity", "single_label_metrics", "thresholded_jaccard",
+    "ISIC_JACCARD_CUTOFF",
+]

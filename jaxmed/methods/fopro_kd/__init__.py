@@ -1,7 +1,124 @@
 """FoPro-KD (Elbatel et al., IEEE TMI 2023): effective knowledge distillation (EKD) from a frozen
-pretrained teacher into a long-tailed student, with our Fourier Prompt Generator (FPG).
+pretrained teacher into a long-tailed student, with our Fourier Prompt Generator (FPG), and the
+long-tailed / KD baselines it is compared with, all in one trainer.
 
-`objectives` holds the losses as pure functions, `heads` the student's projector heads; the
-trainer composes them (teacher and student in one params dict, only the student differentiated
-and checkpointed: big_vision's distill pattern). Spec: shared/specs/fopro_kd.md.
+  objectives.py  EKD and both FPG objectives as pure functions
+  heads.py       the student's projector p and fc_p
+  trainer.py     KDState, module-level jitted steps (teacher beside the state: big_vision's
+                 distill pattern), every method's loss
+  teachers.py    teachers from a jaxmed workdir or a PyTorch file; the quick teacher stage
+  runs.py        one (method, seed) run on the kit's loop; the FPG / probe stage
+  report.py      comparison.csv, summary.md, figures
+
+`config.kd.methods` x `config.kd.seeds` run on the same data (jaxmed.train.comparison).
+Spec: shared/specs/fopro_kd.md.
 """
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ml_collections
+
+from jaxmed import data as data_lib
+from jaxmed.methods import supervised
+from jaxmed.methods.fopro_kd import report, runs, teachers, trainer
+from jaxmed.train import comparison, sharding
+from jaxmed.train.workdir import write_config
+
+log = logging.getLogger(__name__)
+
+METHODS = trainer.METHODS
+HARMLESS_KEYS = ("train.progress", "train.log_every", "data.num_workers", "kd.report_examples")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key FoPro-KD reads; the defaults are the spec's (Adam 3e-4, no weight decay,
+    clip 5, batch 32, 100 epochs, ResNet-18 student from scratch, w_kd 3)."""
+    c = supervised.default_config()
+    c.method = "fopro_kd"
+    c.model.name = "resnet18"
+    c.train.update(dict(optimizer="adam", lr=3e-4, weight_decay=0.0, grad_clip_norm=5.0,
+                        batch_size=32, epochs=100, loss="balanced_softmax"))
+    c.kd = ml_collections.ConfigDict(dict(
+        methods=("balanced_softmax", "ekd", "ekd_fpg"),  # any of trainer.METHODS
+        seeds=(0,),
+        teacher="",  # a jaxmed workdir (best checkpoint + its config.json model) or a .pth
+        teacher_model="",  # a .pth's architecture: resnet18, resnet50, moco_v2_resnet50,
+        # dinov2_vits14, dinov2_vitb14
+        teacher_image_size=0,  # teacher input side (0: the student's; DINOv2: multiple of 14)
+        teacher_stage=ml_collections.ConfigDict(dict(  # train a teacher first (quick configs)
+            epochs=0, num_train=0, model="resnet20", width=16, stem="small", lr=1e-3)),
+        w_kd=3.0,  # EKD's `free_u`
+        kd_class_weights=False,  # effective-number weights on the KD term (Fed-MAS option)
+        w_feature=1.0, w_hinton=1.0, temperature=4.0,
+        projector_hidden=512,
+        ldam_max_margin=0.5, ldam_scale=30.0, drw_start=0.8,  # fraction of training
+        cb_beta=0.9999, focal_gamma=2.0, la_tau=1.0,
+        fpg=ml_collections.ConfigDict(dict(
+            beta=1.0,  # relative size of the learnable low-frequency window (1: all)
+            steps=200,  # discriminative stage: prompt + probe steps before EKD
+            lr=1e-2,  # Adam lr of the prompt (and the probe)
+            penalty=1.0,  # adversarial: weight of mean (m - 1)^2
+        )),
+        group_boundaries=(),  # () = thirds of the classes by count; (many, few) otherwise
+        report_examples=6,  # prompted test images drawn in the report
+    ))
+    return c
+
+
+def check_config(config) -> None:
+    kd = config.kd
+    comparison.check_methods_and_seeds(kd.methods, kd.seeds, METHODS, "kd")
+    needs = [m for m in kd.methods if m not in trainer.STUDENT_ONLY]
+    if needs and not kd.teacher and kd.teacher_stage.epochs <= 0:
+        raise ValueError(f"config.kd.teacher is empty but methods {needs} need a teacher: name "
+                         "a jaxmed workdir or a PyTorch file (+ config.kd.teacher_model), or set "
+                         "config.kd.teacher_stage.epochs > 0")
+    if kd.teacher and not os.path.isdir(kd.teacher) and not kd.teacher_model:
+        raise ValueError(f"config.kd.teacher={kd.teacher!r} is not a workdir: set "
+                         f"config.kd.teacher_model ({sorted(teachers.TORCH_ARCHS)})")
+    if kd.teacher_model and kd.teacher_model not in teachers.TORCH_ARCHS:
+        raise ValueError(f"config.kd.teacher_model={kd.teacher_model!r}: use one of "
+                         f"{sorted(teachers.TORCH_ARCHS)}")
+    if not 0.0 <= kd.fpg.beta <= 1.0:
+        raise ValueError(f"config.kd.fpg.beta={kd.fpg.beta}: must be in [0, 1]")
+    if "ekd_fpg" in kd.methods and kd.fpg.steps <= 0:
+        raise ValueError("config.kd.fpg.steps must be > 0 for method 'ekd_fpg'")
+    if len(kd.group_boundaries) not in (0, 2):
+        raise ValueError(f"config.kd.group_boundaries={tuple(kd.group_boundaries)}: () or "
+                         "(many, few)")
+    if not 0.0 <= kd.drw_start <= 1.0:
+        raise ValueError(f"config.kd.drw_start={kd.drw_start}: a fraction of training")
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Teacher (trained first if configured), every method x seed, then the report. Returns
+    the mean test metrics per method ({'<method>/test/tail_acc': ...})."""
+    check_config(config)
+    write_config(config, workdir, harmless=HARMLESS_KEYS)
+    kd = config.kd
+    mesh = sharding.make_mesh()
+    ds = data_lib.build(config.data)
+    teacher = None
+    if any(m not in trainer.STUDENT_ONLY for m in kd.methods):
+        size = data_lib.image_size(config.data, ds.info)
+        if kd.teacher:
+            teacher = teachers.load_teacher(kd, size)
+        else:
+            path = teachers.train_teacher_stage(config, workdir)
+            teacher = teachers.from_workdir(path, int(kd.teacher_image_size or size))
+        log.info("teacher %s: %d-d features, %d-class head", teacher.source,
+                 teacher.feature_dim, teacher.num_classes)
+    results = comparison.run_all(
+        workdir, kd.methods, kd.seeds,
+        lambda m, s, d: runs.run_one(config, m, s, d, ds, teacher, mesh))
+    summary = {}
+    if sharding.is_lead_process():
+        summary = report.write_report(workdir, config, results, ds, teacher, mesh)
+    return {f"{m}/{k}": v for m, row in summary.items() for k, v in row.items()
+            if k in report.METRICS}
+
+
+__all__ = ["HARMLESS_KEYS", "METHODS", "check_config", "default_config", "train_and_evaluate"]

@@ -1,0 +1,275 @@
+"""FoPro-KD's trainer, teachers, data and report: the teacher stays bitwise frozen and out of the
+optimizer state and checkpoint, every method compiles once, teachers load from a jaxmed workdir
+and a PyTorch file, Hyper-Kvasir and the ISIC 2019 long-tailed splits read right, head / medium
+/ tail accuracy matches a numpy reference, and the :tiny comparison writes its table."""
+
+import csv
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmed import data as data_lib
+from jaxmed import fourier, losses, metrics
+from jaxmed.config_check import sibling
+from jaxmed.data.datasets.tables import DataFormatError
+from jaxmed.methods import fopro_kd
+from jaxmed.methods.fopro_kd import objectives, runs, teachers, trainer
+from jaxmed.train import sharding
+from jaxmed.train.checkpoint import Checkpointer
+from tests.conftest import REPO
+from tests.data_helpers import write_image
+
+SAMPLES = "/work/shared/samples"
+SPLITS = "/work/shared/splits/fopro_kd"
+
+
+def tiny_config(**kd):
+    c = sibling(os.path.join(REPO, "configs", "fopro_kd", "quick.py"), "quick").get_config("tiny")
+    c.kd.update(kd)
+    return c
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A tiny synthetic long tail and a teacher trained by the quick configs' teacher stage."""
+    workdir = str(tmp_path_factory.mktemp("fopro"))
+    config = tiny_config()
+    teacher_dir = teachers.train_teacher_stage(config, workdir)
+    ds = data_lib.build(config.data)
+    teacher = teachers.from_workdir(teacher_dir, config.data.image_size)
+    return {"config": config, "workdir": workdir, "ds": ds, "teacher": teacher,
+            "mesh": sharding.make_mesh()}
+
+
+def _batches(env, n):
+    from jaxmed.data.pipeline import Preprocess, train_stream
+    c = env["config"]
+    stream = train_stream(env["ds"]["train"], global_batch=c.train.batch_size,
+                          preprocess=Preprocess(16, 3, "flip", 0), seed=0, num_epochs=1)
+    return [sharding.to_global(next(stream), env["mesh"]) for _ in range(n)]
+
+
+def test_teacher_from_workdir_is_the_trained_model(env):
+    t = env["teacher"]
+    saved = teachers.build.load_workdir_variables(t.source)
+    assert t.num_classes == 4 and t.feature_dim == 16  # resnet8 width 4: 16-d pooled features
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(t.variables)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_teacher_frozen_one_compile_and_only_student_and_prompt_saved(env, tmp_path):
+    batches = _batches(env, 3)
+    for method in ("ldam_drw", "hinton_kd", "ekd_fpg_adv"):  # student only, logits, prompt
+        built = runs.build_method(env["config"], method, 0, env["ds"], env["teacher"],
+                                  env["mesh"])
+        teacher = built.teacher
+        if built.setup.teacher_logits == "probe":  # (not here: the teacher has the 4 classes)
+            teacher = {**teacher, "probe": objectives.init_probe(16, 4)}
+        before = jax.device_get(teacher)
+        student0 = jax.device_get(built.state.params["student"])
+        state = built.state
+        for b in batches:
+            state, m = built.train_step(state, teacher, b)
+        assert built.train_step._cache_size() == 1, method  # one compile per method
+        assert np.isfinite(float(m["loss"])), method
+        for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(teacher))):
+            assert np.array_equal(a, b), f"{method} changed the teacher"
+        moved = [not np.array_equal(a, b) for a, b in zip(
+            jax.tree.leaves(student0), jax.tree.leaves(jax.device_get(state.params["student"])))]
+        assert any(moved), method
+        want = {"student", "prompt"} if method in trainer.PROMPTED else {"student"}
+        assert set(state.params) == want
+        assert set(state.opt_state) == ({"student", "prompt"} if method == "ekd_fpg_adv"
+                                        else {"student"})
+        if method == "ekd_fpg_adv":  # the adversarial prompt moved off the identity
+            assert float(jnp.abs(state.params["prompt"]["log_mask"]).max()) > 0
+            ck = Checkpointer(str(tmp_path / "ck"), keep=1)
+            ck.save(3, state)
+            ck.wait()
+            raw, _ = ck.restore_raw(3)
+            ck.close()
+            assert set(raw["params"]) == {"student", "prompt"}
+            n_teacher = len(jax.tree.leaves(before))
+            assert len(jax.tree.leaves(raw)) == len(jax.tree.leaves(jax.device_get(state)))
+            shapes = {tuple(x.shape) for x in jax.tree.leaves(raw)}
+            t_only = {tuple(x.shape) for x in jax.tree.leaves(before["variables"])} - {
+                tuple(x.shape) for x in jax.tree.leaves(jax.device_get(state))}
+            assert n_teacher > 0 and not (t_only & shapes)
+
+
+def test_ekd_step_loss_is_the_reference_ekd_loss():
+    rng = np.random.default_rng(0)
+    out = {"logits": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
+           "proj": jnp.asarray(rng.normal(size=(5, 4)), jnp.float32),
+           "proj_logits": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)}
+    t = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
+    labels = jnp.asarray([0, 2, 1, 0, 0])
+    counts = np.array([30, 5, 2])
+    setup = trainer.Setup("ekd", None, None, None, counts, w_kd=3.0)
+    per, _ = trainer.per_sample_loss(setup, out, labels, 0, t_feats=t)
+    ref, _ = objectives.ekd_loss(out, labels, t, counts, w_kd=3.0)
+    np.testing.assert_allclose(float(jnp.mean(per)), float(ref), rtol=1e-6)
+    # feature KD differs only in the KD term: L2 instead of 2 - 2 cos
+    fk, _ = trainer.per_sample_loss(trainer.Setup("feature_kd", None, None, None, counts,
+                                                  w_feature=2.0), out, labels, 0, t_feats=t)
+    diff = np.asarray(fk - per)
+    np.testing.assert_allclose(diff, 2.0 * np.mean((np.asarray(out["proj"]) - np.asarray(t))
+                                                   ** 2, -1) - 3.0 * np.asarray(
+        losses.cosine_kd(out["proj"], t)), rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_from_torch_file_matches_torch(tmp_path):
+    torch = pytest.importorskip("torch")
+    from tests.torch_reference import BasicBlock, ResNet, randomize_bn
+
+    net = randomize_bn(ResNet(BasicBlock, [2, 2, 2, 2], 10)).eval()
+    path = str(tmp_path / "r18.pth")
+    torch.save({"state_dict": net.state_dict()}, path)
+    teacher = teachers.from_torch(path, "resnet18", 32)
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    with torch.no_grad():
+        h = torch.from_numpy(x.transpose(0, 3, 1, 2))
+        h = torch.nn.functional.max_pool2d(torch.relu(net.bn1(net.conv1(h))), 3, 2, 1)
+        for i in range(4):
+            h = getattr(net, f"layer{i + 1}")(h)
+        want = h.mean((2, 3)).numpy()
+    _, got = trainer.teacher_outputs(teacher.model, 32, teacher.variables, jnp.asarray(x))
+    assert teacher.feature_dim == 512
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="teacher_model"):
+        teachers.from_torch(path, "resnet99", 32)
+
+
+def test_head_medium_tail_accuracy_matches_numpy_reference():
+    counts = np.array([7, 300, 40, 2, 90, 15, 40])  # ranked: 1, 4, 2 | 6, 5, 0 | 3? (thirds)
+    groups = metrics.class_groups(counts)
+    # thirds of 7 classes by count, ties by index: [1, 4, 2] head, [6, 5] medium, [0, 3] tail
+    np.testing.assert_array_equal(groups, [2, 0, 0, 2, 0, 1, 1])
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 7, 400)
+    pred = np.where(rng.random(400) < 0.3 + 0.1 * y / 7, y, rng.integers(0, 7, 400))
+    got = metrics.group_accuracies(y, pred, groups)
+    recall = np.array([np.mean(pred[y == c] == c) for c in range(7)])
+    for g, name in enumerate(("head", "medium", "tail")):
+        assert got[f"{name}_acc"] == pytest.approx(recall[groups == g].mean())
+    # explicit boundaries (many, few): head > 50, tail < 10
+    np.testing.assert_array_equal(metrics.class_groups(counts, (50, 10)), [2, 0, 1, 2, 0, 1, 1])
+
+
+def test_radial_filters_split_the_image():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 12, 10, 3)), jnp.float32)
+    low, high = fourier.radial_filter(x, 0.3, "low"), fourier.radial_filter(x, 0.3, "high")
+    np.testing.assert_allclose(np.asarray(low + high), np.asarray(x), atol=1e-5)
+    assert float(jnp.abs(jnp.mean(high, (1, 2))).max()) < 1e-5  # DC removed by high-pass
+
+
+def test_hyper_kvasir_csv_and_folder_tree(tmp_path):
+    from jaxmed.data.datasets.hyper_kvasir import CLASSES
+
+    root = tmp_path / "labeled-images"
+    rows = []
+    layout = {"polyps": ("lower-gi-tract", "pathological-findings", 6),
+              "cecum": ("lower-gi-tract", "anatomical-landmarks", 3),
+              "z-line": ("upper-gi-tract", "anatomical-landmarks", 1)}
+    for finding, (organ, category, n) in layout.items():
+        for i in range(n):
+            uid = f"{finding[:2]}{i:02d}-aaaa"
+            write_image(str(root / organ / category / finding / f"{uid}.jpg"), seed=i)
+            rows.append([uid, "Lower GI" if organ.startswith("lower") else "Upper GI", finding,
+                         category])
+    with open(root / "image-labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Video file", "Organ", "Finding", "Classification"])
+        w.writerows(rows)
+    cfg = data_lib.default_config()
+    cfg.name, cfg.root, cfg.val_fraction, cfg.test_fraction = "hyper_kvasir", str(tmp_path), .2, .2
+    ds = data_lib.build(cfg)
+    assert ds.info.num_classes == 23
+    n = sum(len(ds[s]) for s in ("train", "val", "test"))
+    assert n == 10
+    labels = np.concatenate([ds[s].labels for s in ("train", "val", "test")])
+    assert np.bincount(labels, minlength=23)[CLASSES.index("polyps")] == 6
+    assert np.bincount(labels, minlength=23)[CLASSES.index("z-line")] == 1
+    files = [f for s in ("train", "val", "test") for f in ds[s].files]
+    for f, y in zip(files, labels):
+        assert os.path.basename(os.path.dirname(f)) == CLASSES[y]
+    # a label that disagrees with the image's folder fails naming the line
+    rows[0][2] = "cecum"
+    with open(root / "image-labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["Video file", "Organ", "Finding", "Classification"], *rows])
+    with pytest.raises(DataFormatError, match="line 2.*'cecum'.*'polyps'"):
+        data_lib.build(cfg)
+    os.remove(root / "image-labels.csv")  # without the CSV the folders are the labels
+    ds = data_lib.build(cfg)
+    assert sum(len(ds[s]) for s in ("train", "val", "test")) == 10
+
+
+def test_isic2019_long_tailed_split_reads_finding(tmp_path):
+    """Real split rows for the real ISIC 2019 ground-truth sample: the label is `finding`
+    (0 NV, 1 MEL, ... by frequency), which must name the same class as the official one-hot."""
+    from jaxmed.data.datasets.skin import FOPRO_CLASSES
+
+    gt = {r["image"]: max(("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"), key=r.get)
+          for r in csv.DictReader(open(os.path.join(SAMPLES, "ISIC_2019_Training_GroundTruth.csv")))}
+    counts = np.zeros(8, int)
+    picked = {}
+    for split in ("train", "val", "test"):
+        with open(os.path.join(SPLITS, f"{split}_skin1_0.002.csv")) as f:
+            rows = list(csv.DictReader(f))
+        if split == "train":
+            counts = np.bincount([int(r["finding"]) for r in rows], minlength=8)
+            mine = [r for r in rows if r["image"] in gt]
+        else:  # images of other rows (no ground-truth sample there): distinct per split
+            used = {r["image"] for p in picked.values() for r in p}
+            mine = [r for r in rows if r["image"] not in used and r["image"] not in gt][:3]
+        picked[split] = mine
+    np.testing.assert_array_equal(counts, [12725, 4372, 2180, 897, 369, 152, 62, 25])
+    assert len(picked["train"]) >= 5
+    d = tmp_path / "splits"
+    d.mkdir()
+    for split, mine in picked.items():
+        with open(d / f"{split}_skin1_0.002.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, ["image", "finding_name", "finding"])
+            w.writeheader()
+            w.writerows(mine)
+        for i, r in enumerate(mine):
+            write_image(str(tmp_path / "images" / f"{r['image']}.jpg"), seed=i)
+    cfg = data_lib.default_config()
+    cfg.name, cfg.root, cfg.split_file = "isic2019", str(tmp_path / "images"), str(
+        d / "train_skin1_0.002.csv")
+    ds = data_lib.build(cfg)
+    assert ds.info.class_names == FOPRO_CLASSES
+    for path, y in zip(ds["train"].files, ds["train"].labels):
+        image = os.path.splitext(os.path.basename(path))[0]
+        assert FOPRO_CLASSES[y] == gt[image], image
+    assert [len(ds[s]) for s in ("val", "test")] == [3, 3]
+
+
+def test_bad_config_names_the_key():
+    c = tiny_config(methods=("ekd", "mixup"))
+    with pytest.raises(ValueError, match="config.kd.methods: unknown"):
+        fopro_kd.check_config(c)
+    c = tiny_config(methods=("ekd",))
+    c.kd.teacher_stage.epochs = 0
+    with pytest.raises(ValueError, match="config.kd.teacher is empty"):
+        fopro_kd.check_config(c)
+
+
+def test_tiny_comparison_writes_the_report(env):
+    config = tiny_config(methods=("balanced_softmax", "ekd_fpg"))
+    result = fopro_kd.train_and_evaluate(config, env["workdir"])
+    report = os.path.join(env["workdir"], "report")
+    rows = list(csv.DictReader(open(os.path.join(report, "comparison.csv"))))
+    assert [r["method"] for r in rows] == ["balanced_softmax", "ekd_fpg"]
+    cols = ["test/balanced_accuracy", "test/f1_macro", "test/accuracy", "test/head_acc",
+            "test/medium_acc", "test/tail_acc"]
+    assert set(rows[0]) == {"method", "seeds", *cols, *[c + "_std" for c in cols]}
+    assert all(0.0 <= float(r[c]) <= 1.0 for r in rows for c in cols)
+    assert result["ekd_fpg/test/tail_acc"] == pytest.approx(float(rows[1]["test/tail_acc"]),
+                                                        abs=1e-5)
+    for f in ("summary.md", "per_class_recall.png", "prompt_examples.png",
+              "teacher_frequency.png", "teacher_frequency.csv"):
+        assert os.path.getsize(os.path.join(report, f)) > 100, f
