@@ -1,6 +1,7 @@
 """HTL trainer: oversampling counts, checkpointable weighted streams, one compile per step,
 the identification driver on a planted set (1 and 8 devices), the synthetic hard
-sub-population, the isic2018_seg adapter, and a :tiny comparison end to end."""
+sub-population, the isic2018_seg adapter, a :tiny comparison end to end, and :tiny_ssl (HTL
+among unlabeled samples on TEAR's step) end to end."""
 
 import csv
 import importlib.util
@@ -275,12 +276,12 @@ def test_isic2018_seg_adapter_reads_task1_layout(tmp_path, shared_dir):
 
 
 # ------------------------------------------------------------------------ end to end
-def tiny_config():
+def tiny_config(variant="tiny"):
     spec = importlib.util.spec_from_file_location(
         "htl_quick", os.path.join(REPO, "configs", "htl", "quick.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.get_config("tiny")
+    return mod.get_config(variant)
 
 
 def test_check_config_names_the_key():
@@ -316,3 +317,49 @@ def test_tiny_comparison_writes_comparison_csv(tmp_path):
         assert (tmp_path / "report" / f).exists(), f
     hist = driver.read_history(str(tmp_path / "runs" / "htl_oversample" / "seed_0"))
     assert [h["step"] for h in hist] == [4]  # every epoch (4 steps), not at the last step
+
+
+def test_tiny_semi_supervised_weights_the_identified_unlabeled_samples(tmp_path):
+    """HTL among unlabeled samples on TEAR's FixMatch step: baseline + htl_weight end to end;
+    the state's ssl.weights (final checkpoint) are htl.weight exactly on the last identified
+    unlabeled indices and 1 elsewhere, and the baseline's stay 1."""
+    from jaxmed.methods.tear import data as ssl_data
+    from jaxmed.train.checkpoint import Checkpointer
+
+    c = tiny_config("tiny_ssl")
+    htl.train_and_evaluate(c, str(tmp_path))
+    with open(tmp_path / "report" / "comparison.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["baseline", "htl_weight"]
+    for m in ("test/auc", "test/balanced_accuracy", "test/bias_1/auc"):
+        assert m in rows[0] and f"{m}_std" in rows[0]
+        assert all(0 <= float(r[m]) <= 1 for r in rows)
+    run = tmp_path / "runs" / "htl_weight" / "seed_0"
+    assert [h["step"] for h in driver.read_history(str(run))] == [5]  # 84 // (2 x 8) steps
+    saved = np.load(run / "htl" / "step_0000005.npz")
+    ds = data_lib.build(c.data)
+    labeled, unlabeled = ssl_data.from_num_labeled(ds["train"], c.ssl.num_labeled,
+                                                   c.ssl.split_seed)
+    assert sorted(saved["index"]) == sorted(ssl_data.record_indices(unlabeled))
+    chosen = saved["index"][saved["htl"]]
+    assert len(chosen) == 21  # top 25% of the 84 unlabeled samples
+
+    def weights(method):
+        ck = Checkpointer(str(tmp_path / "runs" / method / "seed_0" / "checkpoints"))
+        state, _ = ck.restore_raw()
+        ck.close()
+        return np.asarray(state["ssl"]["weights"])
+
+    w = weights("htl_weight")
+    assert len(w) == 96
+    assert sorted(np.flatnonzero(w != 1.0).tolist()) == sorted(chosen.tolist())
+    assert np.all(w[chosen] == c.htl.weight)
+    assert np.all(w[ssl_data.record_indices(labeled)] == 1.0)
+    assert np.all(weights("baseline") == 1.0)
+    c.htl.methods = ("baseline", "htl_oversample")
+    with pytest.raises(ValueError, match="htl_oversample"):
+        htl.check_config(c)
+    c = tiny_config("tiny_ssl")
+    c.htl.ssl_algorithm = "supervised"
+    with pytest.raises(ValueError, match="config.htl.ssl_algorithm"):
+        htl.check_config(c)

@@ -3,7 +3,8 @@
     jaxmed --config=configs/htl/quick.py --workdir=workdirs/htl_quick
 
 Runtime: see benchmarks/RESULTS.md (under 15 min on 2 CPU cores); `:tiny` (the tests'
-variant) runs in well under a minute.
+variant) runs in well under a minute; `:tiny_ssl` is the tests' semi-supervised variant (HTL
+among unlabeled samples on TEAR's FixMatch step, seconds).
 
 32 px synthetic lesions with masks; 8% of the images are hard (low-contrast lesions,
 attrs['hard'] = 1), in training and test alike. A U-Net on a small-stem ResNet-18 trunk (width
@@ -52,6 +53,19 @@ def get_config(arg: str = ""):
         h.seeds = (0, 1)
         h.identify_batch_size = 32
         h.grid = 3
+    elif arg == "tiny_ssl":  # tests: HTL among unlabeled samples on TEAR's FixMatch step
+        c.htl.task, h.ssl_algorithm = "semi_supervised", "fixmatch"
+        c.model.name, c.model.width = "resnet8", 4
+        s.with_mask, s.hard_rate, s.num_classes = False, 0.0, 3
+        s.num_train, s.num_val, s.num_test = 96, 16, 32
+        c.data.image_size = 16
+        c.train.batch_size, c.train.eval_batch_size, c.train.epochs = 8, 16, 2
+        c.train.checkpoint_every = 5
+        c.ssl.num_labeled, c.ssl.mu = 12, 2  # 84 unlabeled: 5 steps per epoch
+        c.ssl.weak_augment, c.ssl.strong_augment = "flip", "flip|cutout(4)"
+        h.methods, h.seeds = ("baseline", "htl_weight"), (0,)
+        h.every_epochs, h.top_q = 1, 0.25  # one identification (step 5): 21 of 84 samples
+        h.identify_batch_size, h.grid = 16, 3
     elif arg:
-        raise ValueError(f"unknown variant {arg!r} (use '' or 'tiny')")
+        raise ValueError(f"unknown variant {arg!r} (use '', 'tiny' or 'tiny_ssl')")
     return c

@@ -14,7 +14,11 @@ often (`htl_oversample`, through the pipeline's sampling weights). Spec: shared/
                      top-1 vs the pruned majority
   weak_localization  classification training, then class activation maps thresholded into
                      masks and scored against the ground-truth masks (cam_iou, cam_dice, ...)
-  semi_supervised    not available yet (see `check_config`)
+  semi_supervised    TEAR's semi-supervised step (`htl.ssl_algorithm`, e.g. 'fixmatch', with
+                     the `config.ssl` block of jaxmed.methods.tear) on a labeled / unlabeled
+                     split; the HTL set is among the UNLABELED samples (dense pseudo label vs
+                     the pruned majority) and its weight goes to `state.ssl.weights`
+                     (`semi.py`); AUC, balanced accuracy. 'htl_oversample' is refused there.
 
 `config.htl.methods` x `config.htl.seeds` run on the same data (jaxmed.train.comparison);
 workdir/report/ holds comparison.csv (test metrics overall and per sub-population the data
@@ -39,8 +43,8 @@ import numpy as np
 
 from jaxmed import data as data_lib
 from jaxmed.data.pipeline import Preprocess, eval_batches, train_stream, weighted_train_stream
-from jaxmed.methods import supervised
-from jaxmed.methods.htl import driver, trainer
+from jaxmed.methods import supervised, tear
+from jaxmed.methods.htl import driver, semi, trainer
 from jaxmed.models import create_model
 from jaxmed.models.unet import load_encoder
 from jaxmed.pruning.sweep import check_axis
@@ -53,11 +57,13 @@ log = logging.getLogger(__name__)
 
 TASKS = ("classification", "segmentation", "semi_supervised", "weak_localization")
 METHODS = ("baseline", "htl_weight", "htl_oversample")
+MASK_TASKS = ("segmentation", "weak_localization")
 ATTENTION = {"baseline": None, "htl_weight": "weight", "htl_oversample": "oversample"}
 HARMLESS_KEYS = ("htl.identify_batch_size", "htl.level_axis", "htl.grid")
 TASK_METRICS = {
     "segmentation": ("iou", "dice", "thresholded_jaccard"),
     "classification": ("auc", "balanced_accuracy"),
+    "semi_supervised": ("auc", "balanced_accuracy"),
     "weak_localization": ("auc", "balanced_accuracy", "cam_iou", "cam_dice",
                           "cam_thresholded_jaccard"),
 }
@@ -81,7 +87,12 @@ def default_config() -> ml_collections.ConfigDict:
         dice_weight=1.0, bce_weight=1.0,  # segmentation loss
         cam_threshold=0.5,  # weak localization: CAM (max-normalized) >= this is lesion
         grid=8,  # HTL examples in report/htl_examples.png
+        ssl_algorithm="fixmatch",  # semi_supervised: the TEAR-family step (tear.algorithms)
     ))
+    # semi_supervised: TEAR's block (split, mu, views, EMAs, ...); htl.methods / htl.seeds
+    # drive the comparison, so TEAR's own methods / seeds keys are left out
+    c.ssl = ml_collections.ConfigDict({k: v for k, v in tear.default_config().ssl.items()
+                                       if k not in ("methods", "seeds")})
     c.model.name = "unet_resnet18"
     return c
 
@@ -91,11 +102,9 @@ def check_config(config) -> None:
     h = config.htl
     if h.task not in TASKS:
         raise ValueError(f"config.htl.task={h.task!r}: use one of {list(TASKS)}")
-    if h.task == "semi_supervised":
-        raise ValueError("config.htl.task='semi_supervised' is not available yet: HTL among "
-                         "unlabeled samples needs the TEAR trainer wired in (its step takes "
-                         "per-sample weights; the HTL driver does not drive it yet)")
     comparison.check_methods_and_seeds(h.methods, h.seeds, METHODS, "htl")
+    if h.task == "semi_supervised":
+        semi.check_config(config)
     sp = h.sparsities
     if (isinstance(sp, str) or not isinstance(sp, (tuple, list)) or not sp
             or not all(isinstance(s, numbers.Real) and 0 < s < 1 for s in sp)):
@@ -120,7 +129,7 @@ def check_config(config) -> None:
     if h.task == "weak_localization" and not config.model.name.startswith("resnet"):
         raise ValueError(f"config.model.name={config.model.name!r}: class activation maps "
                          "need a ResNet classifier")
-    if (h.task != "classification" and config.data.name == "synthetic"
+    if (h.task in MASK_TASKS and config.data.name == "synthetic"
             and not config.data.synthetic.with_mask):
         raise ValueError(f"htl.task={h.task!r} needs masks: set "
                          "config.data.synthetic.with_mask=True")
@@ -165,7 +174,7 @@ def init_variables(model, config, rng, image_shape) -> dict:
 
 def check_data(ds, task: str, name: str) -> None:
     rec = ds["train"][0]
-    if task != "classification" and "mask" not in rec:
+    if task in MASK_TASKS and "mask" not in rec:
         raise ValueError(f"htl.task={task!r} needs lesion masks, and config.data.name={name!r} "
                          "has none (use isic2018_seg, or synthetic with with_mask=True)")
     if task != "segmentation" and ds.info.num_classes < 2:
@@ -175,6 +184,8 @@ def check_data(ds, task: str, name: str) -> None:
 
 def run_one(config, method: str, seed: int, workdir: str) -> dict:
     """Train and test one (method, seed); returns flat final metrics ('test/...')."""
+    if config.htl.task == "semi_supervised":
+        return semi.run_one(config, method, seed, workdir, attention=ATTENTION[method])
     h, tcfg = config.htl, config.train
     task = h.task
     base_task = "segmentation" if task == "segmentation" else "classification"
@@ -253,14 +264,7 @@ def run_one(config, method: str, seed: int, workdir: str) -> dict:
     result = {f"test/{k}": v for k, v in final.items()}
     if hook is not None:
         result["identify_seconds"] = float(np.mean(hook.seconds)) if hook.seconds else 0.0
-        last = sorted(f for f in os.listdir(os.path.join(workdir, "htl"))) if os.path.isdir(
-            os.path.join(workdir, "htl")) else []
-        if last and sharding.is_lead_process():
-            saved = np.load(os.path.join(workdir, "htl", last[-1]))
-            order = np.argsort(-saved["score"], kind="stable")
-            chosen = [i for i in order if saved["htl"][i]][:h.grid] or list(order[:h.grid])
-            driver.save_examples(
-                os.path.join(workdir, "htl_examples.npz"),
-                driver.make_examples_fn(model, task=base_task, compute_dtype=dtype), state,
-                sparsities, ds["train"], saved["index"][chosen], positions, eval_pre)
+        driver.save_last_examples(
+            workdir, driver.make_examples_fn(model, task=base_task, compute_dtype=dtype), state,
+            sparsities, ds["train"], positions, eval_pre, h.grid)
     return result

@@ -8,7 +8,9 @@ are fetched once per pass and come back sorted by the records' stable index.
 
 `HtlHook` is a train-loop state hook: every `every` steps (K epochs) it identifies the HTL set
 with the current params and either rewrites `state.sample_weight` (attention 'weight': lambda for
-HTL samples, 1 for the rest, until the next identification) or hands the stream sampling weights
+HTL samples, 1 for the rest, until the next identification; the table is `state.sample_weight`
+of the supervised steps or `state.ssl.weights` of the TEAR step, see `WEIGHT_TABLES`) or hands
+the stream sampling weights
 (attention 'oversample': HTL samples drawn lambda times as often from the next epoch on; the
 stream's iterator checkpoints them). Each identification is logged (`htl/*` metrics) and saved
 as `workdir/htl/step_<s>.npz` (index, score, disagree, per-level outputs, the HTL set).
@@ -97,6 +99,21 @@ def composition(htl: np.ndarray, attrs: dict[str, np.ndarray]) -> dict[str, floa
     return out
 
 
+# where a state keeps its per-sample loss weights: HtlState (trainer.py) / TEAR's SSLState
+WEIGHT_TABLES = ("sample_weight", "ssl.weights")
+
+
+def weight_table(state, where: str):
+    """The state's per-sample loss-weight table (indexed by the records' stable index)."""
+    return state.sample_weight if where == "sample_weight" else state.ssl.weights
+
+
+def with_weight_table(state, where: str, table):
+    if where == "sample_weight":
+        return state.replace(sample_weight=table)
+    return state.replace(ssl=state.ssl.replace(weights=table))
+
+
 @dataclasses.dataclass
 class HtlHook:
     """state hook (step, state) -> state of the train loop; see the module docstring."""
@@ -114,7 +131,12 @@ class HtlHook:
     stream: Callable[[], Any]  # () -> the current TrainStream (oversampling)
     writer: Any
     workdir: str
+    table: str = "sample_weight"  # one of WEIGHT_TABLES: where attention 'weight' writes
     seconds: list = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        if self.table not in WEIGHT_TABLES:
+            raise ValueError(f"HtlHook.table={self.table!r}: one of {WEIGHT_TABLES}")
 
     def __call__(self, step: int, state):
         if step == 0 or step % self.every or step >= self.total:
@@ -124,9 +146,9 @@ class HtlHook:
                        self.batches(), self.mesh, top_q=self.top_q)
         htl, index = out["htl"], out["index"]
         if self.attention == "weight":
-            table = np.ones(state.sample_weight.shape, np.float32)
+            table = np.ones(weight_table(state, self.table).shape, np.float32)
             table[index[htl]] = self.weight
-            state = state.replace(sample_weight=sharding.replicate(table, self.mesh))
+            state = with_weight_table(state, self.table, sharding.replicate(table, self.mesh))
         elif self.attention == "oversample":
             chosen = np.isin(self.positions, index[htl])
             w = np.where(chosen, self.weight, 1.0)
@@ -178,6 +200,21 @@ def make_examples_fn(model, *, task: str, compute_dtype=jnp.float32) -> Callable
                                                stacked, "map")
 
     return jax.jit(fn)
+
+
+def save_last_examples(workdir: str, examples_fn, state, sparsities, source, positions,
+                       preprocess, grid: int) -> None:
+    """workdir/htl_examples.npz: the `grid` highest-scoring HTL samples of the run's last
+    identification (the highest scores when the set is empty); lead process only."""
+    d = os.path.join(workdir, "htl")
+    last = sorted(os.listdir(d)) if os.path.isdir(d) else []
+    if not last or not sharding.is_lead_process():
+        return
+    saved = np.load(os.path.join(d, last[-1]))
+    order = np.argsort(-saved["score"], kind="stable")
+    chosen = [i for i in order if saved["htl"][i]][:grid] or list(order[:grid])
+    save_examples(os.path.join(workdir, "htl_examples.npz"), examples_fn, state, sparsities,
+                  source, saved["index"][chosen], positions, preprocess)
 
 
 def save_examples(path: str, examples_fn, state, sparsities, source, indices, positions,
