@@ -2,6 +2,7 @@
 and continual metrics vs hand-computed values, 8-device inference equal to 1-device, the whole
 comparison end to end."""
 
+import functools
 import importlib.util
 import json
 import os
@@ -230,19 +231,27 @@ def test_channel_ownership_rule():
 # ---------------------------------------------------------------------------- end to end
 def test_comparison_end_to_end(tmp_path):
     cfg = _config("quick", "tiny")
-    cfg.continual.methods = ("biaspruner", "packnet", "finetune", "joint", "ewc", "lwf")
+    methods = ("biaspruner", "packnet", "finetune", "joint", "ewc", "lwf", "lff")
+    cfg.continual.methods = methods
     result = biaspruner.train_and_evaluate(cfg, str(tmp_path))
-    for m in ("biaspruner", "packnet", "finetune", "joint", "ewc", "lwf"):
+    for m in methods:
         assert 0 <= result[f"{m}/acc"] <= 1 and f"{m}/eodd" in result
+        # the unbiased test set is half bias-aligned, half conflicting: acc is their mix
+        assert min(result[f"{m}/acc_aligned"], result[f"{m}/acc_conflicting"]) - 1e-9 <= \
+            result[f"{m}/acc"] <= max(result[f"{m}/acc_aligned"],
+                                      result[f"{m}/acc_conflicting"]) + 1e-9
     d = tmp_path / "report"
-    for name in ("report.md", "comparison.csv", "fairness.csv", "subnetworks.csv",
-                 "accuracy_matrices.png", "acc_vs_eodd.png"):
+    for name in ("report.md", "comparison.csv", "runs.csv", "fairness.csv", "subnetworks.csv",
+                 "accuracy_matrices.png", "acc_vs_eodd.png", "aligned_vs_conflicting.png",
+                 "acc_by_method.png"):
         assert (d / name).stat().st_size > 0, name
     assert "- vs finetune: final ACC" in (d / "report.md").read_text()
-    res = json.load(open(tmp_path / "biaspruner" / "results.json"))
+    assert "one seed: no verdict" in (d / "report.md").read_text()
+    run = tmp_path / "runs" / "biaspruner" / "seed_0"
+    res = json.load(open(run / "results.json"))
     assert np.isnan(res["agnostic"][0][1])  # task 1 not evaluated before it is learned
-    # A re-run resumes every finished task instead of retraining it.
-    saved = tmp_path / "biaspruner" / "tasks" / "2"  # orbax: the state after task 1
+    # A re-run reads every finished run back instead of retraining it.
+    saved = run / "tasks" / "2"  # orbax: the state after task 1
     stamp = os.path.getmtime(saved)
     again = biaspruner.train_and_evaluate(cfg, str(tmp_path))
     assert os.path.getmtime(saved) == stamp
@@ -252,32 +261,42 @@ def test_comparison_end_to_end(tmp_path):
 def test_unknown_sensitive_attribute_fails_naming_the_key(tmp_path):
     cfg = _config("quick", "tiny")
     cfg.continual.sensitive_attr = "skin_type"
-    with pytest.raises(ValueError, match=r"sensitive_attr='skin_type'.*\['bias'\]"):
+    with pytest.raises(ValueError, match=r"sensitive_attr='skin_type'.*\['bias', 'aligned'\]"):
         biaspruner.train_and_evaluate(cfg, str(tmp_path))
+    cfg = _config("quick", "tiny")
+    cfg.continual.seeds = (0, 0)
+    with pytest.raises(ValueError, match=r"config.continual.seeds=\(0, 0\) repeats a seed"):
+        biaspruner.train_and_evaluate(cfg, str(tmp_path / "b"))
 
 
-def test_report_verdicts_weigh_sampling_noise():
-    """A 0.01 lead on 200 test images is noise; a 0.2 lead is not; chance-level selection is
-    called out."""
+def test_report_verdicts_weigh_the_spread_over_seeds():
+    """Means and standard errors against numpy; a lead within two standard errors of the
+    difference is no verdict, one beyond is; one seed never gives one."""
     from jaxmed.methods.biaspruner import report as continual_report
 
-    def res(acc, aware, eodd, sel):
-        return {"summary": {"acc": acc, "aware_acc": aware, "eodd": eodd,
-                            "task_selection": sel}, "agnostic": np.zeros((2, 2))}
+    def runs(accs, eodds, sel=0.9):
+        return [{"summary": {"acc": a, "acc_conflicting": a - 0.1, "eodd": e,
+                             "task_selection": sel}} for a, e in zip(accs, eodds)]
 
-    lines = continual_report._verdicts({"biaspruner": res(0.60, 0.80, 0.2, 0.5),
-                                        "finetune": res(0.59, 0.60, 1.5, 0.5)}, 200)
-    acc_part, aware_part, eodd_part = lines[0].split("; ")
-    assert "higher (within 2 standard errors" in acc_part
-    assert aware_part.endswith("higher") and eodd_part.endswith("smaller")
-    assert "near chance (0.50; chance 0.50)" in lines[1]
-    bp = res(0.6, 0.6, 0.2, 0.5)
-    bp["masks"] = {"aligned": [570, 563], "conflicting": [30, 37]}
-    lines = continual_report._verdicts({"biaspruner": bp}, 200)
-    assert "570 / 30, 563 / 37 bias-aligned / bias-conflicting" in lines[0]
-    lines = continual_report._verdicts({"biaspruner": res(0.5, 0.5, 2.0, 0.9),
-                                        "packnet": res(0.7, 0.7, 0.1, 0.9)}, 200)
-    assert len(lines) == 1 and "NOT higher;" in lines[0] and "NOT smaller" in lines[0]
+    details = {"biaspruner": runs([0.80, 0.82, 0.84], [0.20, 0.25, 0.30]),
+               "finetune": runs([0.55, 0.70, 0.85], [1.0, 1.2, 1.4]),   # noisy: within 2 SE
+               "packnet": runs([0.70, 0.71, 0.72], [0.9, 1.0, 1.1])}    # tight: beaten
+    summary = continual_report.summarize(details)
+    assert summary["biaspruner"]["acc"] == pytest.approx(0.82)
+    assert summary["finetune"]["acc_se"] == pytest.approx(np.std([.55, .7, .85], ddof=1) / 3**.5)
+    lines = continual_report.verdicts(summary, num_tasks=2)
+    ft = next(x for x in lines if x.startswith("- vs finetune"))
+    pn = next(x for x in lines if x.startswith("- vs packnet"))
+    # finetune: gap 0.12 < 2 hypot(0.012, 0.087) = 0.175; packnet: 0.11 > 2 hypot(0.012, 0.006)
+    assert "final ACC 0.820 ± 0.012 vs 0.700 ± 0.087: not significant" in ft
+    assert "final ACC 0.820 ± 0.012 vs 0.710 ± 0.006: better (> 2 SE)" in pn
+    assert "EOdd 0.250 ± 0.029 vs 1.200 ± 0.115: better (> 2 SE)" in ft
+    assert "EOdd, lowest first (continual methods, joint excluded): biaspruner" in lines[-2]
+    assert "task selection 0.900 ± 0.000 (chance 0.50): above chance by > 2 SE" in lines[-1]
+    one = continual_report.summarize({"biaspruner": runs([0.9], [0.1]),
+                                      "finetune": runs([0.1], [2.0])})
+    assert all("one seed: no verdict" in x for x in continual_report.verdicts(one, 2)
+               if x.startswith("- vs"))
 
 
 def test_tasks_from_reference_split_files(shared_dir, tmp_path):
@@ -322,3 +341,151 @@ def test_eight_devices_match_one_device(tmp_path):
         if k.startswith("all_aware_") or k.startswith("all_acc_"):
             np.testing.assert_array_equal(z[k], z["one_" + k[4:]])
     assert int(z["compiles"]) == 2 and int(z["logit_compiles"]) == 2
+
+
+# ------------------------------------------------------------------- debiasing mechanics
+def _colour_images(n_red: int, n_green: int, size: int, rng):
+    img = np.zeros((n_red + n_green, size, size, 3), np.float32)
+    img[:n_red, ..., 0] = 230
+    img[n_red:, ..., 1] = 230
+    img += rng.normal(0, 10, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def test_biaspruner_prunes_the_units_that_fire_on_bias_aligned_samples(env):
+    """A hand-built ResNet-8 whose prediction follows a shortcut (red -> class 0): red images
+    of class 0 are bias-aligned (right), green ones conflicting (wrong). Planted units fire
+    only on red, 'anti' units only on green, the rest never. The jitted scoring pass on the
+    model's own split, then the ranking, must remove exactly the planted units."""
+    from jaxmed.data.sources import ArraySource
+    setup, state = subnetworks.init(env, "bias")
+    flat = subnetworks._flat(jax.tree.map(np.zeros_like, state.backbone))
+    for k in flat:  # BN: identity (scale 1, bias 0; init statistics mean 0, var 1)
+        if k.endswith("scale"):
+            flat[k] = np.ones_like(flat[k])
+    flat["conv1/kernel"][1, 1, 0, 0], flat["conv1/kernel"][1, 1, 1, 0] = 1.0, -1.0  # red - green
+    planted = {"layer1_0/conv1": [1, 3], "layer3_0/conv1": [5]}
+    anti = {"layer1_0/conv1": [0], "layer2_0/conv1": [2], "layer3_0/conv1": [9]}
+    for unit, chans in planted.items():  # read every stream channel (only the red one is live)
+        for c in chans:
+            flat[f"{unit}/kernel"][1, 1, :, c] = 3.0
+    for unit, chans in anti.items():  # relu(1 - 3 red): fires when the red channel is off
+        bn = unit.replace("conv1", "bn1")
+        for c in chans:
+            flat[f"{unit}/kernel"][1, 1, :, c] = -3.0
+            flat[f"{bn}/bias"][c] = 1.0
+    backbone = subnetworks._unflat(flat)  # conv2 = 0: every residual branch adds nothing
+    heads = jax.tree.map(np.zeros_like, state.heads)
+    heads["kernel"][0, :, 0] = 50.0  # class 0 iff the pooled red channel > 0.02
+    heads["bias"][0, 0] = -1.0
+    rng = np.random.default_rng(0)
+    images = _colour_images(24, 8, env.image_shape[0], rng)
+    source = continual.TaskSource(ArraySource(images, np.zeros(32, np.int64)), 0, {0: 0})
+    stats = jax.tree.map(lambda x: x[0], state.task_stats)
+    scored = subnetworks.score_pass(env, setup, {"backbone": backbone, "heads": heads}, stats,
+                                    0, env.cmask, source)
+    np.testing.assert_array_equal(scored["correct"], np.arange(32) < 24)  # red: aligned
+    assert scored["counts"] == (24, 8)
+    n_planted = sum(len(c) for c in planted.values())
+    total = sum(v.size for v in scored["scores"].values())
+    kept = subnetworks.keep_units("bias", n_planted / total, scored["scores"], backbone)
+    removed = {k: sorted(np.flatnonzero(~m).tolist()) for k, m in kept.items() if (~m).any()}
+    assert removed == planted
+    for unit, chans in anti.items():  # the most bias-conflicting units are kept
+        assert kept[unit][chans].all()
+
+
+def test_gce_model_finds_the_bias_conflicting_samples(tmp_path):
+    """One task of the synthetic biased sequence with a noisy outline and 15% of the images
+    bias-conflicting: after a short GCE phase the samples the biased model gets wrong are
+    (mostly) the conflicting ones, which is what BiasPruner's scores and LfF's weights need."""
+    cfg = _config("quick", "tiny")
+    s = cfg.data.synthetic_bias
+    s.num_tasks, s.num_train, s.bias_rate, s.noise = 1, 256, 0.85, 60.0
+    cfg.continual.tasks = ((0, 1),)
+    cfg.continual.biased_epochs = 4
+    tasks, info = continual.build_tasks(cfg)
+    env1 = continual.Env(cfg, tasks, info)
+    setup, state = subnetworks.init(env1, "bias")
+    s0 = jax.device_get(state)
+    params = {"backbone": subnetworks.with_bn(s0.backbone, jax.tree.map(lambda x: x[0],
+                                                                        s0.task_bn)),
+              "heads": s0.heads}
+    stats = jax.tree.map(lambda x: x[0], s0.task_stats)
+    source = tasks[0].splits["train"]
+    ones = np.ones(env1.index_bound, np.float32)
+    everything = jax.tree.map(lambda x: np.ones(np.shape(x), bool), params["backbone"])
+    phase = env1.replicate(subnetworks.Phase(
+        subnetworks.trainable_masks(params["backbone"], s0.owner, subnetworks.FREE, 0, 1),
+        everything, ones, np.int32(0), s0.cmask))
+    step = functools.partial(subnetworks.train_step, phase=phase, model=setup.model,
+                             tx=setup.tx, gce_q=setup.gce_q, mesh=env1.mesh)
+    ts = continual.run_phase(env1, str(tmp_path / "gce"),
+                             continual.state_from(params, stats, setup.tx,
+                                                  jax.random.PRNGKey(0)),
+                             step, source, 4, 0)
+    params, stats = jax.device_get((ts.params, ts.batch_stats))
+    scored = subnetworks.score_pass(env1, setup, params, stats, 0, s0.cmask, source)
+    conflicting = np.array([source[i]["attrs"]["aligned"] == 0 for i in range(len(source))])
+    found = ~scored["correct"][np.argsort(scored["index"])]
+    assert conflicting.sum() > 20
+    recall = (found & conflicting).sum() / conflicting.sum()
+    precision = (found & conflicting).sum() / max(found.sum(), 1)
+    assert recall > 0.8 and precision > 0.8, (recall, precision)
+
+
+def _lff_reference(batches, labels, num_slots, alpha):
+    """The LfF code (EMA.update, EMA.max_loss, the class-wise normalisation, the weight) in
+    numpy, batch by batch; padding rows (valid False) skipped."""
+    mem = {"b": np.zeros(num_slots), "d": np.zeros(num_slots)}
+    seen = np.zeros(num_slots)
+    out = []
+    for index, y, loss_b, loss_d, valid in batches:
+        idx = index[valid]
+        for key, loss in (("b", loss_b), ("d", loss_d)):
+            m = mem[key]
+            m[idx] = alpha * m[idx] + (1 - alpha * seen[idx]) * loss[valid]
+        seen[idx] = 1
+        lb, ld = mem["b"][index].copy(), mem["d"][index].copy()
+        for c in (0, 1):
+            lb[y == c] /= mem["b"][labels == c].max()
+            ld[y == c] /= mem["d"][labels == c].max()
+        out.append((lb / (lb + ld + 1e-8))[valid])
+    return out
+
+
+def test_lff_weights_match_a_numpy_port_of_the_lff_code():
+    from jaxmed.methods.biaspruner import lff
+    rng = np.random.default_rng(0)
+    n, alpha = 12, 0.7
+    labels = np.array([0, 1, 0, 1, 1, 0, 0, 1, -1, -1, 0, 1], np.int32)  # -1: other tasks
+    batches = []
+    for b in range(5):  # slots seen repeatedly, some never; the last row padding
+        index = rng.choice([0, 1, 2, 3, 4, 5, 6, 7, 10, 11], 4, replace=False)
+        valid = np.array([True, True, True, b % 2 == 0])
+        y = labels[index]
+        # biased model: low loss on class 0, high on class 1; debiased: the reverse
+        loss_b = np.where(y == 0, 0.1, 2.0) * rng.uniform(0.5, 1.5, 4)
+        loss_d = np.where(y == 0, 1.5, 0.3) * rng.uniform(0.5, 1.5, 4)
+        batches.append((index, y, loss_b, loss_d, valid))
+    want = _lff_reference(batches, labels, n, alpha)
+
+    @jax.jit
+    def step(mem_b, mem_d, seen, index, y, loss_b, loss_d, valid, labels):
+        mem_b, seen_new = lff.ema_update(mem_b, seen, index, loss_b, valid, alpha)
+        mem_d, _ = lff.ema_update(mem_d, seen, index, loss_d, valid, alpha)
+        return mem_b, mem_d, seen_new, lff.relative_difficulty(mem_b, mem_d, labels, index, y, 2)
+
+    mem_b = mem_d = seen = jnp.zeros(n)
+    for (index, y, loss_b, loss_d, valid), w_ref in zip(batches, want):
+        mem_b, mem_d, seen, w = step(mem_b, mem_d, seen, index, y, loss_b, loss_d, valid,
+                                     labels)
+        np.testing.assert_allclose(np.asarray(w)[valid], w_ref, rtol=1e-5)
+    # By hand: two class-0 samples, first update (memory = loss), class maxima 2 and 2:
+    # L_b / max = (0.5, 1), L_d / max = (1, 0.5) -> W = (1/3, 2/3); a third sample of class 1
+    # alone in its class normalises to 1 / (1 + 1).
+    two = np.array([0, 0, 1], np.int32)
+    _, _, _, w = step(jnp.zeros(3), jnp.zeros(3), jnp.zeros(3), np.arange(3), two,
+                      np.array([1.0, 2.0, 0.3]), np.array([2.0, 1.0, 5.0]), np.ones(3, bool),
+                      two)
+    np.testing.assert_allclose(w, [1 / 3, 2 / 3, 0.5], rtol=1e-5)

@@ -15,3 +15,31 @@ def real_data_config(dataset: str, augment: str, epochs: int):
 def reference_splits(folder: str, *names: str) -> tuple[str, ...]:
     """The reference's split files, one per task (e.g. the biased split, then the flipped)."""
     return tuple(f"{SPLITS}/{folder}/{n}" for n in names)
+
+
+def synthetic_config():
+    """The synthetic biased sequence (jaxmed.data.synthetic_bias) with every method and seeds:
+    the base of benchmark.py and quick.py (their docstrings give the measured reasons)."""
+    c = biaspruner.default_config()
+    c.data.name = "synthetic_bias"
+    c.data.image_size = 24
+    c.data.train_augment = ""
+    s = c.data.synthetic_bias
+    s.num_tasks = 2
+    s.num_train, s.num_val, s.num_test = 3000, 50, 600
+    s.bias_rate, s.test_bias_rate = 0.95, 0.5
+    s.noise, s.shape_noise = 30.0, 0.0
+    c.model.name, c.model.width = "resnet8", 8
+    c.train.batch_size, c.train.eval_batch_size = 64, 200
+    c.train.lr = 1e-3
+    c.train.log_every = 100
+    c.train.progress = False
+    cc = c.continual
+    cc.tasks = ((0, 1), (2, 3))
+    cc.methods = biaspruner.ALL_METHODS
+    cc.seeds = (0, 1, 2)
+    cc.sensitive_attr = "bias"
+    cc.biased_epochs, cc.finetune_epochs = 2, 6
+    cc.gamma = 0.3
+    cc.alpha = 2.0
+    return c

@@ -5,6 +5,7 @@
   subnetworks.py  BiasPruner, its magnitude ablation and PackNet: per-task subnetworks as one
                   stacked pytree and module-level jitted steps over it
   baselines.py    fine-tune, joint, EWC, LwF on one shared network
+  lff.py          LfF (Learning from Failure): GCE-biased + relative-difficulty-weighted model
   report.py       comparison tables, accuracy-matrix heatmaps, verdicts
 
 Spec: ../shared/specs/biaspruner.md.
@@ -12,16 +13,17 @@ Spec: ../shared/specs/biaspruner.md.
 
 from __future__ import annotations
 
-from jaxmed.methods.biaspruner import baselines, continual, subnetworks
+from jaxmed.methods.biaspruner import baselines, continual, lff, subnetworks
 
 ALL_METHODS = ("biaspruner", "biaspruner_magnitude", "packnet", "finetune", "joint", "ewc",
-               "lwf")
+               "lwf", "lff")
 
 METHODS = {
     "biaspruner": subnetworks.method("bias"),
     "biaspruner_magnitude": subnetworks.method("magnitude"),
     "packnet": subnetworks.method("packnet"),
     **{k: baselines.method(k) for k in baselines.KINDS},
+    "lff": lff.method(),
 }
 
 

@@ -36,11 +36,12 @@ import numpy as np
 
 from jaxmed import data as data_lib
 from jaxmed import metrics
+from jaxmed.data import synthetic_bias
 from jaxmed.data.pipeline import Preprocess, eval_batches, split_by_class_groups, train_stream
 from jaxmed.data.sources import source_labels
 from jaxmed.methods import supervised
 from jaxmed.methods.biaspruner import report
-from jaxmed.train import sharding
+from jaxmed.train import comparison, sharding
 from jaxmed.train.checkpoint import Checkpointer
 from jaxmed.train.evaluate import predict as predict_sharded
 from jaxmed.train.loop import LoopSettings, train_loop
@@ -50,6 +51,8 @@ from jaxmed.train.writers import MetricWriter
 
 log = logging.getLogger(__name__)
 NEG = -1e9  # logit of a class a task does not have
+GROUP_KEYS = ("acc_aligned", "acc_conflicting", "aware_acc_aligned", "aware_acc_conflicting",
+              "selection_aligned", "selection_conflicting")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -59,7 +62,8 @@ def default_config() -> ml_collections.ConfigDict:
         tasks=((0, 1), (2, 3)),  # class groups of one dataset, one tuple per task
         task_split_files=(),  # or one reference split file per task
         methods=("biaspruner",),  # any of biaspruner, biaspruner_magnitude, packnet,
-        # finetune, joint, ewc, lwf: all run on the same tasks, compared in the report
+        # finetune, joint, ewc, lwf, lff: all run on the same tasks, compared in the report
+        seeds=(0,),  # every method runs once per seed (config.seed = each); report: mean +- SE
         sensitive_attr="bias",  # attribute for fairness (synthetic: 'bias'; fitz: skin_group;
         # '' = none: fairness metrics are NaN)
         positive_class=1,  # within-task label counted as positive for TPR / FPR
@@ -72,6 +76,7 @@ def default_config() -> ml_collections.ConfigDict:
         ewc_samples=256,
         lwf_lambda=1.0,
         lwf_temperature=2.0,
+        lff_ema=0.7,  # LfF: EMA of the per-sample losses (the LfF code's ema_alpha)
         # Subnetworks at inference, all in one program: 'map' (lax.map, one after another) or
         # 'vmap' (batched over the stacked masks: grouped convolutions, measured 2.4-3.7x
         # slower on CPU and, for PruneCXR's levels, 1.75x slower on an H100).
@@ -80,6 +85,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.optimizer = "adam"
     c.train.lr = 1e-4
     c.train.weight_decay = 5e-4
+    c.data.synthetic_bias = synthetic_bias.default_config()  # read when data.name selects it
     return c
 
 
@@ -315,6 +321,23 @@ class TaskEval:
     fairness: dict
     y: np.ndarray
     aware_pred: np.ndarray
+    groups: dict = dataclasses.field(default_factory=dict)
+
+
+ALIGNED = "aligned"  # record attribute marking bias-aligned (1) / bias-conflicting (0) images
+
+
+def group_accuracies(agnostic_correct, aware_correct, selected, aligned) -> dict:
+    """Task-agnostic and task-aware accuracy, and task-selection accuracy, on the bias-aligned
+    and the bias-conflicting images (NaN where the data has no `aligned` marker or a group is
+    empty)."""
+    out = {}
+    for name, g in (("aligned", 1), ("conflicting", 0)):
+        sel = np.asarray(aligned) == g
+        for key, c in (("acc", agnostic_correct), ("aware_acc", aware_correct),
+                       ("selection", selected)):
+            out[f"{key}_{name}"] = float(np.mean(c[sel])) if sel.any() else float("nan")
+    return out
 
 
 def evaluate(env: Env, method: Method, setup, state, upto: int,
@@ -336,40 +359,60 @@ def evaluate(env: Env, method: Method, setup, state, upto: int,
         aware = r["per_task"][:, task.id]
         attr = r["attrs"].get(cc.sensitive_attr, np.full(len(y), -1))
         correct = class_ids[sel, r["pred"]] == np.asarray(task.class_ids)[y]
+        groups = group_accuracies(correct, aware == y, sel == task.id,
+                                  r["attrs"].get(ALIGNED, np.full(len(y), -1)))
         out.append(TaskEval(float(np.mean(correct)), float(np.mean(aware == y)),
                             float(np.mean(sel == task.id)),
-                            metrics.fairness(y, aware, attr, cc.positive_class), y, aware))
+                            metrics.fairness(y, aware, attr, cc.positive_class), y, aware,
+                            groups))
     return out
 
 
 # ------------------------------------------------------------------------------- driver
 def run(config, workdir: str, methods: dict[str, Method]) -> dict:
-    """Run every method of config.continual.methods over the task sequence; report."""
+    """Run every method of config.continual.methods over the task sequence once per seed of
+    config.continual.seeds (`jaxmed.train.comparison.run_all`: workdir/runs/<method>/seed_<s>,
+    finished runs read back), then report means and standard errors over the seeds. Returns
+    {'<method>/<metric>': mean over seeds, '<method>/<metric>_se': its standard error}."""
     write_config(config, workdir)
     tasks, info = build_tasks(config)
     attr = config.continual.sensitive_attr
     if attr and attr not in info.attr_names:
         raise ValueError(f"config.continual.sensitive_attr={attr!r} is not an attribute of "
                          f"{info.name}; its attributes: {info.attr_names} ('' skips fairness)")
-    names = [m.strip() for m in config.continual.methods if m.strip()]
-    unknown = [m for m in names if m not in methods]
-    if unknown or not names:
-        raise ValueError(f"config.continual.methods has unknown {unknown} (or none); known: "
-                         f"{sorted(methods)}")
+    names, seeds = tuple(config.continual.methods), tuple(config.continual.seeds)
+    comparison.check_methods_and_seeds(names, seeds, sorted(methods), "continual")
     env = Env(config, tasks, info)
     sharding.check_global_batch(config.train.batch_size, env.mesh)
     sharding.check_global_batch(config.train.eval_batch_size, env.mesh, key="eval_batch_size")
     writer = MetricWriter(workdir, enabled=sharding.is_lead_process())
-    results = {}
+
+    def run_one(name: str, seed: int, run_workdir: str) -> dict:
+        cfg = copy.deepcopy(config)
+        cfg.seed = int(seed)
+        i = names.index(name) * len(seeds) + seeds.index(seed)
+        return run_method(Env(cfg, tasks, info, env.mesh), run_workdir, name, methods[name],
+                          writer, i)["summary"]
+
     try:
-        for i, name in enumerate(names):
-            results[name] = run_method(env, os.path.join(workdir, name), name, methods[name],
-                                       writer, i)
+        comparison.run_all(workdir, names, seeds, run_one)
     finally:
         writer.close()
+    details = {m: [load_result(comparison.run_dir(workdir, m, s)) for s in seeds]
+               for m in names}
+    summary = report.summarize(details)
     if sharding.is_lead_process():
-        report.write_report(os.path.join(workdir, "report"), results, tasks)
-    return {f"{m}/{k}": v for m, r in results.items() for k, v in r["summary"].items()}
+        report.write_report(os.path.join(workdir, "report"), details, tasks)
+    return {f"{m}/{k}": v for m, row in summary.items() for k, v in row.items()}
+
+
+def load_result(run_workdir: str) -> dict:
+    """A finished run's results.json (written by `run_method`), arrays as numpy."""
+    with open(os.path.join(run_workdir, "results.json")) as f:
+        r = json.load(f)
+    for k in ("agnostic", "aware", "selection"):
+        r[k] = np.asarray(r[k], np.float64)
+    return r
 
 
 def run_method(env: Env, workdir: str, name: str, method: Method, writer, m_index: int) -> dict:
@@ -408,6 +451,9 @@ def run_method(env: Env, workdir: str, name: str, method: Method, writer, m_inde
     fair = [e.fairness for e in evals]
     for k in ("eopp0", "eopp1", "eodd", "dp_ratio"):
         summary[k] = float(np.nanmean([f[k] for f in fair]))
+    for k in GROUP_KEYS:  # final accuracies on the aligned / conflicting test images
+        vals = [e.groups.get(k, np.nan) for e in evals]
+        summary[k] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
     writer.write(1000 * m_index + t_max, {f"test/{name}/{k}": v for k, v in summary.items()})
     result = {"summary": summary, "agnostic": agnostic, "aware": aware, "selection": selection,
               "fairness": fair,

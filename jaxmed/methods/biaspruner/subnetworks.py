@@ -368,12 +368,8 @@ def train_task(env: continual.Env, setup: Setup, state: Subnetworks, t: int,
     else:
         scored = score_pass(env, setup, params, stats, t, s.cmask, source)
         if setup.selection == "bias":
-            scores, prune = scored["scores"], "highest"
             split_counts[t] = scored["counts"]
-        else:  # the ablation changes the unit ranking only; fine-tuning keeps the GCE weights
-            scores = jax.device_get(structured.filter_l1_scores(params["backbone"]))
-            prune = "lowest"
-        kept = structured.channel_masks(scores, setup.gamma, prune=prune)
+        kept = keep_units(setup.selection, setup.gamma, scored["scores"], params["backbone"])
         for name, m in kept.items():
             block, conv = name.split("/")
             channel[block][conv][t] = m
@@ -400,10 +396,21 @@ def train_task(env: continual.Env, setup: Setup, state: Subnetworks, t: int,
                        split_counts=split_counts, stored=np.int32(t + 1))
 
 
+def keep_units(selection: str, gamma: float, bias_scores: dict, backbone) -> dict:
+    """{unit name: bool [C]} the channels subnetwork t keeps: 'bias' removes the gamma
+    fraction with the HIGHEST bias score (most bias-aligned, the paper's direction), ranked
+    globally; the ablation 'magnitude' changes only the ranking (filter L1 norm, the lowest
+    removed). No unit group is ever emptied."""
+    if selection == "bias":
+        return structured.channel_masks(bias_scores, gamma, prune="highest")
+    scores = jax.device_get(structured.filter_l1_scores(backbone))
+    return structured.channel_masks(scores, gamma, prune="lowest")
+
+
 def score_pass(env, setup: Setup, params, stats, t: int, cmask, source) -> dict:
     """One sharded pass of `score_batch` over `source` (one fetch): the bias score of every unit
     (mean activation over aligned minus over conflicting samples), the aligned / conflicting
-    counts, and each sample's index and GCE loss."""
+    counts, and each sample's index, GCE loss and whether the GCE model is right (aligned)."""
     rep = env.replicate((params, stats, np.int32(t), cmask))
     out = predict_sharded(lambda b: score_batch(*rep, b, model=setup.model,
                                                 gce_q=setup.gce_q),
@@ -418,7 +425,7 @@ def score_pass(env, setup: Setup, params, stats, t: int, cmask, source) -> dict:
     scores = {k[len("act/"):]: v[easy].sum(0) / max(n_easy, 1) - v[~easy].sum(0) / max(n_hard, 1)
               for k, v in out.items() if k.startswith("act/")}
     return {"scores": scores, "counts": (n_easy, n_hard), "index": out["index"],
-            "gce": out["gce"]}
+            "gce": out["gce"], "correct": easy}
 
 
 def finetune_weights(index, gce_loss, alpha: float, ones, t: int) -> np.ndarray:
