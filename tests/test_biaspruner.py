@@ -489,3 +489,18 @@ def test_lff_weights_match_a_numpy_port_of_the_lff_code():
                       np.array([1.0, 2.0, 0.3]), np.array([2.0, 1.0, 5.0]), np.ones(3, bool),
                       two)
     np.testing.assert_allclose(w, [1 / 3, 2 / 3, 0.5], rtol=1e-5)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("continual.methods", ("biaspruner", "packnett"), r"unknown \['packnett'\]"),
+    ("continual.seeds", (0, 0), "repeats a seed"),
+    ("train.schedule", "cosine", "config.train.schedule='cosine'"),
+])
+def test_bad_continual_config_is_named(key, value, match):
+    from jaxmed.methods import biaspruner
+
+    c = biaspruner.default_config()
+    group, name = key.split(".")
+    c[group][name] = value
+    with pytest.raises(ValueError, match=match):
+        biaspruner.check_config(c)

@@ -51,8 +51,30 @@ def real_data_config(dataset: str, augment: str, epochs: int):
     return c
 
 
+def check_config(config) -> None:
+    """Fail before anything runs, naming the key: methods / seeds / tasks / split files are
+    tuples (a comma string would be read character by character), and the learning rate is
+    constant (each phase builds its optimizer without a total length, so a decaying schedule
+    would reach 0 after its warm-up)."""
+    from jaxmed.train import comparison
+
+    cc = config.continual
+    comparison.check_methods_and_seeds(cc.methods, cc.seeds, ALL_METHODS, "continual")
+    for key in ("tasks", "task_split_files"):
+        if isinstance(cc[key], str) or not isinstance(cc[key], (tuple, list)):
+            raise ValueError(f"config.continual.{key}={cc[key]!r} must be a tuple")
+    if not cc.task_split_files and not all(isinstance(t, (tuple, list)) for t in cc.tasks):
+        raise ValueError(f"config.continual.tasks={cc.tasks!r} must be a tuple of class tuples, "
+                         "e.g. ((0, 1), (2, 3))")
+    if config.train.schedule != "constant":
+        raise ValueError(f"config.train.schedule={config.train.schedule!r}: continual phases "
+                         "use a constant learning rate (set 'constant')")
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
+    check_config(config)
     return continual.run(config, workdir, METHODS)
 
 
-__all__ = ["ALL_METHODS", "METHODS", "default_config", "real_data_config", "train_and_evaluate"]
+__all__ = ["ALL_METHODS", "METHODS", "check_config", "default_config", "real_data_config",
+           "train_and_evaluate"]

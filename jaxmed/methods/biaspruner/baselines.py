@@ -199,7 +199,8 @@ def fisher_of(env, setup: Setup, params, stats, t: int, cmask, source):
     log-likelihood of the true label, over the first batches of at least ewc_samples training
     samples (batches of 16, or one row per device; summed on device, fetched once)."""
     rep = env.replicate((params, stats, np.int32(t), cmask))
-    size = max(16, env.mesh.devices.size)
+    n = env.mesh.devices.size
+    size = n * -(-16 // n)  # at least 16 and a multiple of the device count
     total, counts = None, []
     for i, b in enumerate(env.batches(source, size)):
         if i * size >= setup.ewc_samples:  # the same number of batches on every process
