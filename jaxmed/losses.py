@@ -157,7 +157,7 @@ def classification_loss(name: str, logits, labels, *, class_counts=None,
     chex.assert_axis_dimension(labels, 0, logits.shape[0])
     if name == "bce":
         chex.assert_equal_shape([logits, labels])
-    elif name != "ce" or jnp.ndim(labels) == 1:
+    elif name != "ce":  # ('ce' also takes soft [B, C] targets)
         chex.assert_rank(labels, 1)
     if name == "ce":
         return cross_entropy(logits, labels, label_smoothing)

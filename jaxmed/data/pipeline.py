@@ -90,6 +90,11 @@ class Preprocess:
         return out
 
 
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The training order of one epoch (every stream of a seed draws the same one)."""
+    return np.random.default_rng([seed, 3, epoch]).permutation(n)
+
+
 class _EpochOrder:
     """Global position -> source index: a fresh permutation per epoch, whole batches only."""
 
@@ -102,7 +107,7 @@ class _EpochOrder:
         if not self.shuffle:
             return j
         if self._cache is None or self._cache[0] != epoch:
-            self._cache = (epoch, np.random.default_rng([self.seed, 3, epoch]).permutation(self.n))
+            self._cache = (epoch, epoch_permutation(self.n, self.seed, epoch))
         return int(self._cache[1][j])
 
 
@@ -286,7 +291,7 @@ def weighted_epoch_order(n: int, per_epoch: int, seed: int, epoch: int,
     e_i = per_epoch * w_i / sum(w) (the expected counts with the least variance, unlike
     independent draws), and the epoch is shuffled; the epoch's length does not change."""
     if weights is None:
-        return np.random.default_rng([seed, 3, epoch]).permutation(n)[:per_epoch]
+        return epoch_permutation(n, seed, epoch)[:per_epoch]
     w = np.asarray(weights, np.float64)
     if w.shape != (n,) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
         raise ValueError(f"sampling weights must be {n} finite values >= 0, not all 0; got "

@@ -80,9 +80,12 @@ class Evaluator:
         """Per-sample outputs (probs, loss, label, index) of the split, sorted by index."""
         return predict(lambda b: self.eval_step(state, b), self.batches(split), self.mesh)
 
-    def __call__(self, state, split: str) -> dict[str, float]:
-        out = self.predict(state, split)
+    def metrics_of(self, out: dict) -> dict[str, float]:
+        """The split's metrics from `predict`'s outputs."""
         fn = metrics.multi_label_metrics if self.multi_label else metrics.single_label_metrics
         result = fn(out["probs"], out["label"])
         result["loss"] = float(np.mean(out["loss"]))
         return result
+
+    def __call__(self, state, split: str) -> dict[str, float]:
+        return self.metrics_of(self.predict(state, split))

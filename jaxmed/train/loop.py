@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxmed.train import sharding
+from jaxmed.train import build, sharding
 from jaxmed.train.checkpoint import Checkpointer
 from jaxmed.train.writers import MetricWriter
 
@@ -81,8 +81,7 @@ def train_loop(*, workdir: str, settings: LoopSettings, state: Any, train_step: 
                         best=bool(settings.early_stop_metric))
     stream = make_stream()
     spe = stream.steps_per_epoch
-    total = settings.steps if settings.steps > 0 else settings.epochs * spe
-    total = min(total, stream.num_epochs * spe)
+    total = min(build.total_steps(settings, spe), stream.num_epochs * spe)
     book = {"best_value": None, "best_step": None, "bad_evals": 0, "stopped_early": False,
             "last_eval_step": None, "improvements": 0}
     latest = ckpt.latest_step()

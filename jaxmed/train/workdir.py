@@ -21,6 +21,8 @@ import os
 import socket
 from typing import Any
 
+from flax import traverse_util
+
 from jaxmed.train import sharding
 
 # Keys that change how a run is observed or scheduled on the machine, never what it computes.
@@ -39,16 +41,6 @@ class ConfigChangedError(ValueError):
 
 class WorkdirLockedError(RuntimeError):
     """Another live run holds the workdir."""
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _as_json(config) -> dict:
@@ -82,7 +74,7 @@ def config_changes(old: dict, new: dict, harmless: tuple[str, ...] = ()
                    ) -> list[tuple[str, Any, Any]]:
     """(key, old, new) for every key that differs and may change the experiment's results;
     `harmless` adds a method's own keys that never do (e.g. PruneCXR's `stages`)."""
-    a, b = flatten(old), flatten(new)
+    a, b = (traverse_util.flatten_dict(t, sep=".") for t in (old, new))
     changed = [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
                if a.get(k, "<absent>") != b.get(k, "<absent>")]
     # A longer run continues the same experiment only for one supervised run under a constant

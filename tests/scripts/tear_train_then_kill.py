@@ -5,30 +5,17 @@ that step once the checkpoint of step WAIT_FOR has committed.
 """
 
 import os
-import signal
 import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
 
 from jaxmed.config_check import sibling  # noqa: E402
 from jaxmed.methods import tear  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-workdir = sys.argv[1]
-wait_for, kill_at = (int(sys.argv[2]), int(sys.argv[3])) if len(sys.argv) > 3 else (0, -1)
-
-
-def kill_hook(step, state):
-    if step != kill_at:
-        return
-    marker = os.path.join(workdir, "checkpoints", str(wait_for), "commit_success.txt")
-    deadline = time.time() + 60
-    while not os.path.exists(marker) and time.time() < deadline:
-        time.sleep(0.05)
-    os.kill(os.getpid(), signal.SIGKILL)
-
+from tests.scripts.kill_hook import make_kill_hook  # noqa: E402
 
 if __name__ == "__main__":
+    workdir = sys.argv[1]
+    wait_for, kill_at = (int(sys.argv[2]), int(sys.argv[3])) if len(sys.argv) > 3 else (0, -1)
     config = sibling(os.path.join(REPO, "configs", "tear", "x.py"), "quick").get_config("tiny")
-    tear.run_one(config, "tear", 0, workdir, hooks=[kill_hook])
+    tear.run_one(config, "tear", 0, workdir, hooks=[make_kill_hook(workdir, wait_for, kill_at)])

@@ -5,28 +5,16 @@ WAIT_FOR has committed (so the kill lands after a checkpoint, mid-way through la
 """
 
 import os
-import signal
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from jaxmed.methods import supervised  # noqa: E402
 from tests.configs import tiny  # noqa: E402
-
-workdir, wait_for, kill_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-variant = sys.argv[4] if len(sys.argv) > 4 else ""
-
-
-def kill_hook(step, state):
-    if step != kill_at:
-        return
-    marker = os.path.join(workdir, "checkpoints", str(wait_for), "commit_success.txt")
-    deadline = time.time() + 60
-    while not os.path.exists(marker) and time.time() < deadline:
-        time.sleep(0.05)
-    os.kill(os.getpid(), signal.SIGKILL)
-
+from tests.scripts.kill_hook import make_kill_hook  # noqa: E402
 
 if __name__ == "__main__":
-    supervised.train_and_evaluate(tiny.get_config(variant), workdir, hooks=[kill_hook])
+    workdir, wait_for, kill_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    variant = sys.argv[4] if len(sys.argv) > 4 else ""
+    supervised.train_and_evaluate(tiny.get_config(variant), workdir,
+                                  hooks=[make_kill_hook(workdir, wait_for, kill_at)])

@@ -24,7 +24,6 @@ import numpy as np
 import optax
 
 from jaxmed import losses
-from jaxmed.data import augment
 from jaxmed.methods.biaspruner import continual
 from jaxmed.train import build, sharding, steps
 
@@ -71,12 +70,6 @@ class Setup:
     ewc_samples: int
 
 
-def _features(model, params, stats, images, *, train: bool):
-    (_, feats), new = steps.forward(model, {"params": params, "batch_stats": stats},
-                                    augment.normalize(images), train=train, features=True)
-    return feats, new
-
-
 @functools.partial(jax.jit, static_argnames=("model", "tx", "kind", "ewc_lambda", "lwf_lambda",
                                              "temperature", "mesh"), donate_argnums=0)
 def train_step(state, batch, extras: Extras, *, model, tx, kind: str, ewc_lambda: float,
@@ -86,7 +79,7 @@ def train_step(state, batch, extras: Extras, *, model, tx, kind: str, ewc_lambda
     steps.check_batch(batch)
 
     def loss_fn(params):
-        feats, new_stats = _features(model, params["backbone"], state.batch_stats,
+        feats, new_stats = continual.features(model, params["backbone"], state.batch_stats,
                                      batch["image"], train=True)
         all_logits = continual.head_logits(feats, params["heads"], extras.cmask)
         logits = continual.pick(all_logits, batch["attrs"]["task"])
@@ -97,8 +90,8 @@ def train_step(state, batch, extras: Extras, *, model, tx, kind: str, ewc_lambda
                                    params["backbone"], extras.anchor)
             loss += ewc_lambda / 2 * sum(jax.tree.leaves(penalty))
         if kind == "lwf":
-            old_feats, _ = _features(model, extras.teacher["backbone"], extras.teacher_stats,
-                                     batch["image"], train=False)
+            old_feats, _ = continual.features(model, extras.teacher["backbone"],
+                                              extras.teacher_stats, batch["image"], train=False)
             old = continual.head_logits(old_feats, extras.teacher["heads"], extras.cmask)
             # KD on every earlier task's head (their classes only).
             kd = jax.vmap(lambda s, o: losses.kd(s, o, temperature), in_axes=1, out_axes=1)(
@@ -119,7 +112,7 @@ def squared_grads(params, stats, task, cmask, batch, *, model):
     """Sum over the batch's valid samples of the squared per-sample gradient of the true
     label's log-likelihood (backbone-shaped), and the number of samples."""
     def nll(p, x, y):
-        f, _ = _features(model, p, stats, x[None], train=False)
+        f, _ = continual.features(model, p, stats, x[None], train=False)
         lg = jnp.take(continual.head_logits(f, params["heads"], cmask)[0], task, axis=0)
         return -jax.nn.log_softmax(lg)[y]
 
@@ -134,7 +127,7 @@ def predict_batch(state: Shared, batch, valid_tasks, *, model):
     """Every head's logits, then entropy task selection (`continual.decide`), in one program."""
     chex.assert_rank(batch["image"], 4)
     chex.assert_shape(valid_tasks, (state.cmask.shape[0],))
-    feats, _ = _features(model, state.params["backbone"], state.stats, batch["image"],
+    feats, _ = continual.features(model, state.params["backbone"], state.stats, batch["image"],
                          train=False)
     logits = continual.head_logits(feats, state.params["heads"], state.cmask)
     return continual.decide(logits, state.cmask, valid_tasks)

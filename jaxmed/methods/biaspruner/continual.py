@@ -36,12 +36,12 @@ import numpy as np
 
 from jaxmed import data as data_lib
 from jaxmed import metrics
-from jaxmed.data import synthetic_bias
+from jaxmed.data import augment, synthetic_bias
 from jaxmed.data.pipeline import Preprocess, eval_batches, split_by_class_groups, train_stream
 from jaxmed.data.sources import source_labels
 from jaxmed.methods import supervised
 from jaxmed.methods.biaspruner import report
-from jaxmed.train import comparison, sharding
+from jaxmed.train import comparison, sharding, steps
 from jaxmed.train.checkpoint import Checkpointer
 from jaxmed.train.evaluate import predict as predict_sharded
 from jaxmed.train.loop import LoopSettings, train_loop
@@ -178,6 +178,15 @@ def build_tasks(config) -> tuple[list[Task], data_lib.DatasetInfo]:
 
 
 # ---------------------------------------------------------------------------------- heads
+def features(model, params, stats, images, *, train: bool):
+    """Penultimate features of uint8 `images` (normalised here) and the BatchNorm statistics
+    (updated in train mode): the backbone call every continual step shares."""
+    (_, feats), new_stats = steps.forward(model, {"params": params, "batch_stats": stats},
+                                          augment.normalize(images), train=train,
+                                          features=True)
+    return feats, new_stats
+
+
 def init_heads(rng, num_tasks: int, features: int, max_classes: int) -> dict:
     k = jax.random.normal(rng, (num_tasks, features, max_classes)) / np.sqrt(features)
     return {"kernel": k.astype(jnp.float32), "bias": jnp.zeros((num_tasks, max_classes))}

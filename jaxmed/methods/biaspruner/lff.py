@@ -97,7 +97,7 @@ def train_step(state: LfFState, batch, extras, *, model, tx, gce_q: float, ema: 
     num_classes = extras["cmask"].shape[1]
 
     def logits_of(params, stats):
-        feats, new = baselines._features(model, params["backbone"], stats, batch["image"],
+        feats, new = continual.features(model, params["backbone"], stats, batch["image"],
                                          train=True)
         all_logits = continual.head_logits(feats, params["heads"], extras["cmask"])
         return jnp.take(all_logits, extras["task"], axis=1), new

@@ -184,13 +184,6 @@ def _at(tree, t):
 
 
 # --------------------------------------------------------------------------- jitted pieces
-def _features(model, params, stats, images, *, train: bool):
-    x = augment.normalize(images)
-    (_, feats), new_stats = steps.forward(model, {"params": params, "batch_stats": stats}, x,
-                                          train=train, features=True)
-    return feats, new_stats
-
-
 @functools.partial(jax.jit, static_argnames=("model", "tx", "gce_q", "mesh"), donate_argnums=0)
 def train_step(state, batch, phase: Phase, *, model, tx, gce_q: float, mesh):
     """One step on task `phase.task`'s head: GCE(q) when gce_q > 0 (the biased model), else CE
@@ -199,7 +192,7 @@ def train_step(state, batch, phase: Phase, *, model, tx, gce_q: float, mesh):
 
     def loss_fn(params):
         masked = apply_masks(params["backbone"], phase.masks)
-        feats, new_stats = _features(model, masked, state.batch_stats, batch["image"],
+        feats, new_stats = continual.features(model, masked, state.batch_stats, batch["image"],
                                      train=True)
         logits = jnp.take(continual.head_logits(feats, params["heads"], phase.cmask),
                           phase.task, axis=1)

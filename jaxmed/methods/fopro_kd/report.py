@@ -177,6 +177,9 @@ def teacher_frequency(teacher, config, ds, mesh, max_images: int = 256) -> list[
 
     sub = SubsetSource(src, np.arange(min(max_images, len(src))))
     variables = jax.device_put(teacher.variables, sharding.replicated(mesh))
+    # the test subset decoded once for all 13 (filter, cutoff) passes
+    batches = list(eval_batches(sub, global_batch=config.train.eval_batch_size,
+                                preprocess=Preprocess(size, channels, "", 0, config.data.on_error)))
     rows = []
     for keep in ("low", "high"):
         for cutoff in CUTOFFS:
@@ -189,10 +192,7 @@ def teacher_frequency(teacher, config, ds, mesh, max_images: int = 256) -> list[
                                                  x, jnp.float32(cutoff), keep)
                 return {"logits": logits, "cos": cos}
 
-            out = predict(fn, eval_batches(sub, global_batch=config.train.eval_batch_size,
-                                           preprocess=Preprocess(size, channels, "", 0,
-                                                                 config.data.on_error)),
-                          mesh, keys=("index", "label"))
+            out = predict(fn, batches, mesh, keys=("index", "label"))
             acc = (float(np.mean(out["logits"].argmax(-1) == out["label"]))
                    if teacher.num_classes == ds.info.num_classes else float("nan"))
             rows.append({"filter": f"{keep}-pass", "cutoff": cutoff,

@@ -41,6 +41,7 @@ class Built:
     eval_step: Any  # jitted (state, batch)
     steps_per_epoch: int
     total_steps: int
+    teacher_dim: int  # the teacher's feature size (Teacher.feature_dim)
 
 
 def evaluate_split(evaluator: Evaluator, state, split: str, groups) -> dict:
@@ -73,6 +74,9 @@ def build_method(config, method: str, seed: int, ds, teacher_model, mesh) -> Bui
         raise ValueError(f"classes {np.flatnonzero(counts == 0).tolist()} have no training "
                          "sample: the long-tailed losses need every class")
     spe = len(ds["train"]) // tcfg.batch_size
+    if spe == 0:
+        raise ValueError(f"config.train.batch_size={tcfg.batch_size} is larger than the "
+                         f"{len(ds['train'])} training images of {info.name}")
     total = build.total_steps(tcfg, spe)
     model = build.build_model(config.model, info.num_classes)
     init_rng, heads_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
@@ -118,7 +122,8 @@ def build_method(config, method: str, seed: int, ds, teacher_model, mesh) -> Bui
     rep = sharding.replicated(mesh)
     return Built(setup, jax.device_put(state, rep), jax.device_put(teacher, rep),
                  trainer.jit_train_step(setup, mesh), trainer.jit_eval_step(setup, mesh),
-                 spe, total)
+                 spe, total,
+                 0 if teacher_model is None else teacher_model.feature_dim)
 
 
 def fit_probe_stage(config, built: Built, ds, seed: int, mesh, learn_prompt: bool,
@@ -134,10 +139,7 @@ def fit_probe_stage(config, built: Built, ds, seed: int, mesh, learn_prompt: boo
         return out
     info, kd = ds.info, config.kd
     size, channels = image_size(config.data, info), image_channels(config.data, info)
-    tfeat = built.teacher["variables"]
-    dim = trainer._features_only(built.setup.teacher_model, built.setup.teacher_size, tfeat,
-                                 jnp.zeros((1, size, size, channels))).shape[-1]
-    params = {"probe": objectives.init_probe(dim, info.num_classes)}
+    params = {"probe": objectives.init_probe(built.teacher_dim, info.num_classes)}
     if learn_prompt:
         params["prompt"] = fourier.init_prompt(size, size, channels)
     tx = optax.adam(kd.fpg.lr)
@@ -170,7 +172,7 @@ def run_one(config, method: str, seed: int, run_workdir: str, ds, teacher_model,
     if method == "ekd_fpg" or (method == "hinton_kd" and built.setup.teacher_logits == "probe"):
         stage = fit_probe_stage(config, built, ds, seed, mesh, method == "ekd_fpg", run_workdir)
         rep = sharding.replicated(mesh)
-        teacher = jax.device_put({**jax.device_get(teacher), "probe": stage["probe"]}, rep)
+        teacher = {**teacher, "probe": jax.device_put(stage["probe"], rep)}  # no round trip
         if method == "ekd_fpg":
             params = dict(state.params)
             params["prompt"] = jax.device_put(stage["prompt"], rep)

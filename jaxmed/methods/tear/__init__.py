@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 
 import jax
@@ -31,6 +30,7 @@ import numpy as np
 import optax
 
 from jaxmed import data as data_lib
+from jaxmed import metrics
 from jaxmed.data.pipeline import Preprocess, TrainStream, TwoViews, semi_supervised_stream, \
     train_stream
 from jaxmed.methods import supervised
@@ -226,22 +226,29 @@ def run_one(config, method: str, seed: int, workdir: str, hooks=()) -> dict:
         settings.eval_every = max(run["total"] // 10, 1)
     if settings.checkpoint_every == 0:
         settings.checkpoint_every = max(settings.eval_every, 1)
+    evaluator, kept = run["evaluator"], {}
+
+    def evaluate(state, split):  # keeps the final test pass's outputs (per-class recall)
+        out = kept[split] = evaluator.predict(state, split)
+        return evaluator.metrics_of(out)
+
     writer = MetricWriter(workdir, enabled=sharding.is_lead_process())
     try:
         state, final = train_loop(
             workdir=workdir, settings=settings, state=run["state"],
             train_step=run["train_step"], make_stream=run["make_stream"],
-            evaluate=run["evaluator"], mesh=run["mesh"], writer=writer,
+            evaluate=evaluate, mesh=run["mesh"], writer=writer,
             meta={"config": json.loads(config.to_json()), "method": method},
             hooks=hooks, global_batch=config.train.batch_size)
-        out = run["evaluator"].predict(state, "test")
     finally:
         writer.close()
     result = {f"test/{k}": float(v) for k, v in final.items()}
-    pred, label = np.asarray(out["probs"]).argmax(-1), np.asarray(out["label"])
-    for k, name in enumerate(run["ds"].info.class_names):
-        hit = label == k
-        result[f"test/recall/{name}"] = float((pred[hit] == k).mean()) if hit.any() else math.nan
+    out = kept["test"]
+    recall = metrics.per_class_recall(np.asarray(out["label"]),
+                                      np.asarray(out["probs"]).argmax(-1),
+                                      run["ds"].info.num_classes)
+    for name, r in zip(run["ds"].info.class_names, recall):
+        result[f"test/recall/{name}"] = float(r)
     result["time/run_s"] = time.time() - start
     result["data/num_labeled"] = float(len(run["labeled"]))
     result["data/num_unlabeled"] = float(len(run["unlabeled"]))

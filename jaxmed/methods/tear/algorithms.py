@@ -38,15 +38,10 @@ class Algorithm:
     lambda_u: float = 1.0
     unsup_warmup: float = 0.0  # fraction of training over which lambda_u ramps from 0 (USB)
     threshold: float = 0.95
-    ema: float = 0.999  # momentum of FreeMatch / SoftMatch EMAs and of the EMA teacher
     lambda_fair: float = 0.0  # FreeMatch's fairness (entropy) loss
     teacher: bool = False  # keep an EMA teacher (mean teacher, AdaPL, IPH)
     adapl: bool = False
     iph: bool = False
-
-    @property
-    def needs_index_memory(self) -> bool:
-        return self.mask == "flex" or self.adapl
 
 
 ALGORITHMS = {a.name: a for a in (

@@ -136,10 +136,6 @@ def freematch_fairness(mask, logits_s, p_model, label_hist, valid):
     return jnp.where(jnp.any(sel), loss, 0.0)
 
 
-def _wmean(x, valid):
-    return losses.weighted_mean(x, valid)
-
-
 def make_ssl_step(model, tx, alg: Algorithm, hp: Hyper, *, unlabeled_labels=None,
                   strong_fn: Callable | None = None):
     """(state, batch) -> (state, metrics) for `alg` (see the module docstring for the batch).
@@ -169,9 +165,10 @@ def make_ssl_step(model, tx, alg: Algorithm, hp: Hyper, *, unlabeled_labels=None
             masks=state.masks, rng=drop_rng, features=True)
         logits = logits.astype(jnp.float32)
         lx = logits[:b]
-        sup = _wmean(optax.softmax_cross_entropy_with_integer_labels(lx, lab["label"]),
-                     lab["valid"])
-        acc = _wmean((jnp.argmax(lx, -1) == lab["label"]).astype(jnp.float32), lab["valid"])
+        sup = losses.weighted_mean(
+            optax.softmax_cross_entropy_with_integer_labels(lx, lab["label"]), lab["valid"])
+        acc = losses.weighted_mean((jnp.argmax(lx, -1) == lab["label"]).astype(jnp.float32),
+                                   lab["valid"])
         out = {"sup_loss": sup, "accuracy": acc}
         mem = state.ssl
         if not alg.unlabeled:
@@ -271,7 +268,7 @@ def make_ssl_step(model, tx, alg: Algorithm, hp: Hyper, *, unlabeled_labels=None
             truth = true_u[ui]
             known = uv & (truth >= 0)
             hit = (hard == truth).astype(jnp.float32)
-            out["pl_accuracy"] = _wmean(hit, known)
+            out["pl_accuracy"] = losses.weighted_mean(hit, known)
             out["pl_masked_accuracy"] = jnp.sum(hit * mask * known) / jnp.maximum(
                 jnp.sum(mask * known), 1e-6)
         return total, (new_stats, mem, out)
