@@ -4,6 +4,7 @@ and a PyTorch file, Hyper-Kvasir and the ISIC 2019 long-tailed splits read right
 / tail accuracy matches a numpy reference, and the :tiny comparison writes its table."""
 
 import csv
+import json
 import os
 
 import jax
@@ -273,3 +274,36 @@ def test_tiny_comparison_writes_the_report(env):
     for f in ("summary.md", "per_class_recall.png", "prompt_examples.png",
               "teacher_frequency.png", "teacher_frequency.csv"):
         assert os.path.getsize(os.path.join(report, f)) > 100, f
+    summary = open(os.path.join(report, "summary.md")).read()
+    with open(os.path.join(env["teacher"].source, "result.json")) as f:
+        t_acc = json.load(f)["test/accuracy"]
+    assert f"test accuracy {t_acc:.3f}." in summary  # the teacher stage's own test accuracy
+    assert "- ekd_fpg does not beat" in summary and "fewer than 2 seeds (1 vs 1)" in summary
+
+
+def test_verdict_lines_say_why_not_with_the_figures():
+    from types import SimpleNamespace
+
+    from jaxmed.methods.fopro_kd import report
+
+    def row(tail, std):
+        return {"seeds": 3, "test/tail_acc": tail, "test/tail_acc_std": std}
+
+    summary = {"balanced_softmax": row(0.30, 0.05), "ekd": row(0.50, 0.10),
+               "ekd_fpg": row(0.38, 0.10), "hinton_kd": row(0.20, 0.01)}
+    # tail = the third of the classes with the fewest training images: c1 (5) and c5 (2)
+    info = SimpleNamespace(class_counts=np.array([50, 5, 20, 9, 30, 2]),
+                           class_names=[f"c{i}" for i in range(6)])
+    lines = report.verdict_lines(summary, tiny_config(), info, 0.912)
+    assert lines == [
+        "- ekd beats balanced_softmax: gap +0.200, seed spread 0.100",
+        "- ekd_fpg does not beat (beyond the spread) balanced_softmax: gap +0.080, seed spread "
+        "0.100",
+        "  - why not: gap +0.080 within the seed spread 0.100; tail acc ekd_fpg 0.380 ± 0.100, "
+        "balanced_softmax 0.300 ± 0.050 over 3 / 3 seeds; teacher test acc 0.912; tail "
+        "training counts: c1 5, c5 2",
+        "- hinton_kd does not beat (beyond the spread) balanced_softmax: gap -0.100, seed spread "
+        "0.050",
+        "  - why not: tail accuracy not higher (0.200 vs 0.300); tail acc hinton_kd 0.200 ± "
+        "0.010, balanced_softmax 0.300 ± 0.050 over 3 / 3 seeds; teacher test acc 0.912; tail "
+        "training counts: c1 5, c5 2"]

@@ -7,6 +7,7 @@ under low- and high-pass filtered inputs)."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import jax
@@ -44,17 +45,14 @@ def write_report(workdir: str, config, results, ds, teacher, mesh) -> dict:
     for method, row in summary.items():
         lines.append(f"| {method} | {row['seeds']} | "
                      + " | ".join(_fmt(row, m) for m in METRICS) + " |")
-    lines += ["", f"Head / medium / tail: {_groups_text(config, ds.info)}.", "",
-              "## Verdicts (tail accuracy; drawn only beyond the larger seed std)", ""]
-    for method in ("ekd", "ekd_fpg", "ekd_fpg_adv", "hinton_kd", "feature_kd"):
-        if method in summary and BASELINE in summary:
-            gap = summary[method]["test/tail_acc"] - summary[BASELINE]["test/tail_acc"]
-            spread = max(summary[method]["test/tail_acc_std"],
-                         summary[BASELINE]["test/tail_acc_std"])
-            verdict = ("beats" if comparison.beats(summary, method, BASELINE, "test/tail_acc")
-                       else "does not beat (beyond the spread)")
-            lines.append(f"- {method} {verdict} {BASELINE}: gap {gap:+.3f}, seed spread "
-                         f"{spread:.3f}")
+    teacher_acc = teacher_accuracy(teacher)
+    lines += ["", f"Head / medium / tail: {_groups_text(config, ds.info)}.", ""]
+    if teacher is not None:
+        acc = ("n/a (a PyTorch teacher, or no result.json in its workdir)"
+               if teacher_acc is None else f"{teacher_acc:.3f}")
+        lines += [f"Teacher ({teacher.source}): test accuracy {acc}.", ""]
+    lines += ["## Verdicts (tail accuracy; drawn only beyond the larger seed std)", ""]
+    lines += verdict_lines(summary, config, ds.info, teacher_acc)
     prompt_runs = [m for m in trainer.PROMPTED if m in results]
     if prompt_runs:
         prompt_figure(os.path.join(out, "prompt_examples.png"), workdir, prompt_runs,
@@ -77,6 +75,54 @@ def write_report(workdir: str, config, results, ds, teacher, mesh) -> dict:
               + (", `teacher_frequency.png`" if teacher is not None else "") + "."]
     write_markdown(os.path.join(out, "summary.md"), lines)
     return summary
+
+
+def teacher_accuracy(teacher) -> float | None:
+    """The teacher's test accuracy as its own run recorded it (`result.json` of a jaxmed
+    workdir, e.g. the quick configs' teacher stage, which tests on the same test split); None
+    for a PyTorch teacher or a workdir without a result."""
+    if teacher is None or not os.path.isdir(str(teacher.source)):
+        return None
+    path = os.path.join(teacher.source, "result.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        value = json.load(f).get("test/accuracy")
+    return None if value is None else float(value)
+
+
+def verdict_lines(summary, config, info, teacher_acc) -> list[str]:
+    """One line per KD method against student-only balanced softmax on tail accuracy; where no
+    verdict can be drawn, a second line says why with the figures (gap vs spread, both stds,
+    seeds, teacher accuracy, the tail classes' training counts)."""
+    from jaxmed import metrics
+
+    groups = metrics.class_groups(info.class_counts, tuple(config.kd.group_boundaries))
+    tail = ", ".join(f"{info.class_names[c]} {int(info.class_counts[c])}"
+                     for c in np.flatnonzero(groups == 2))
+    t_acc = "n/a" if teacher_acc is None else f"{teacher_acc:.3f}"
+    lines = []
+    for method in ("ekd", "ekd_fpg", "ekd_fpg_adv", "hinton_kd", "feature_kd"):
+        if method not in summary or BASELINE not in summary:
+            continue
+        a, b = summary[method], summary[BASELINE]
+        gap = a["test/tail_acc"] - b["test/tail_acc"]
+        spread = max(a["test/tail_acc_std"], b["test/tail_acc_std"])
+        won = comparison.beats(summary, method, BASELINE, "test/tail_acc")
+        lines.append(f"- {method} {'beats' if won else 'does not beat (beyond the spread)'} "
+                     f"{BASELINE}: gap {gap:+.3f}, seed spread {spread:.3f}")
+        if won:
+            continue
+        if min(a["seeds"], b["seeds"]) < 2:
+            why = f"fewer than 2 seeds ({a['seeds']} vs {b['seeds']}): no spread to judge by"
+        elif gap <= 0:
+            why = f"tail accuracy not higher ({a['test/tail_acc']:.3f} vs {b['test/tail_acc']:.3f})"
+        else:
+            why = f"gap {gap:+.3f} within the seed spread {spread:.3f}"
+        lines.append(f"  - why not: {why}; tail acc {method} {_fmt(a, 'test/tail_acc')}, "
+                     f"{BASELINE} {_fmt(b, 'test/tail_acc')} over {a['seeds']} / {b['seeds']} "
+                     f"seeds; teacher test acc {t_acc}; tail training counts: {tail}")
+    return lines
 
 
 def _groups_text(config, info) -> str:
