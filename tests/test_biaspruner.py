@@ -139,6 +139,44 @@ def test_bias_scores_equal_numpy(env):
         np.testing.assert_allclose(scores[k], want, rtol=1e-4, atol=1e-6)
 
 
+def test_bn_selection_scores_the_stem_input_under_each_tasks_statistics(env):
+    """`task_selection='bn'`: each task's score is the Gaussian NLL of the stem convolution's
+    output under that task's stored stem statistics (scipy oracle); the best-fitting task is
+    chosen, whatever the entropies say."""
+    from scipy import stats as st
+
+    from jaxmed.data import augment
+    setup, state = subnetworks.init(env, "bias")
+    images = next(iter(env.batches(env.tasks[1].splits["test"])))["image"]
+    _, inter = setup.model.apply(
+        {"params": state.backbone, "batch_stats": jax.tree.map(lambda x: x[0], state.task_stats)},
+        augment.normalize(images), train=False, capture_intermediates=True,
+        mutable=["intermediates"])
+    h = np.asarray(inter["intermediates"]["conv1"]["__call__"][0], np.float64)
+    fit = (h.mean((0, 1, 2)), h.var((0, 1, 2)))  # the statistics of these very images
+    off = (fit[0] + 1.5, fit[1] * 3.0)
+    for fitting in (1, 0):  # plant the fitting statistics on task 1, then on task 0
+        stem = state.task_stats["bn1"]
+        for t, (m, v) in enumerate([off, fit] if fitting else [fit, off]):
+            stem["mean"][t], stem["var"][t] = m, v
+        s = env.replicate(state)
+        _, nll = subnetworks.all_logits(s, images, model=setup.model, task_axis="map",
+                                        packnet=False)
+        for t in range(2):
+            m, v = np.asarray(state.task_stats["bn1"]["mean"][t], np.float64), np.asarray(
+                state.task_stats["bn1"]["var"][t], np.float64)
+            want = -st.norm.logpdf(h, m, np.sqrt(v + 1e-5)).mean((1, 2, 3)) - 0.5 * np.log(
+                2 * np.pi)
+            np.testing.assert_allclose(np.asarray(nll)[:, t], want, rtol=1e-4, atol=1e-4)
+        valid = env.replicate(np.ones(2, bool))
+        by_bn = subnetworks.predict_batch(s, {"image": images}, valid, model=setup.model,
+                                          task_axis="map", packnet=False, by_bn=True)
+        assert np.mean(np.asarray(by_bn["task"]) == fitting) > 0.9
+        np.testing.assert_array_equal(by_bn["task_entropy"], continual.select_task(
+            subnetworks.all_logits(s, images, model=setup.model, task_axis="map",
+                                   packnet=False)[0], s.cmask, valid))
+
+
 @pytest.mark.parametrize("selection", ["bias", "packnet"])
 def test_earlier_tasks_are_bitwise_frozen(env, tmp_path, selection):
     from jaxmed.pruning.masks import apply_masks
@@ -155,7 +193,7 @@ def test_earlier_tasks_are_bitwise_frozen(env, tmp_path, selection):
 
     def logits(s, axis="map"):
         return np.asarray(subnetworks.all_logits(env.replicate(s), images, model=setup.model,
-                                                 task_axis=axis, packnet=packnet))
+                                                 task_axis=axis, packnet=packnet)[0])
 
     logits0 = logits(state)[:, 0]
     assert sum(int(np.sum(o)) for o in jax.tree.leaves(owner0)) > 0
@@ -337,6 +375,8 @@ def test_eight_devices_match_one_device(tmp_path):
         np.testing.assert_array_equal(z[f"all_{k}"], z[f"one_{k}"])
     assert len(set(z["all_task"])) == 2 and len(set(z["all_pred"])) == 2  # not degenerate
     np.testing.assert_allclose(z["all_logits"], z["one_logits"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(z["all_stem_nll"], z["one_stem_nll"], rtol=1e-5, atol=1e-5)
+    assert np.ptp(z["all_stem_nll"], axis=1).min() > 0  # the tasks' statistics differ
     for k in z.files:
         if k.startswith("all_aware_") or k.startswith("all_acc_"):
             np.testing.assert_array_equal(z[k], z["one_" + k[4:]])

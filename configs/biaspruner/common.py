@@ -27,9 +27,9 @@ def synthetic_config():
     s = c.data.synthetic_bias
     s.num_tasks = 2
     s.num_train, s.num_val, s.num_test = 3000, 50, 600
-    s.bias_rate, s.test_bias_rate = 0.95, 0.5
-    s.noise, s.shape_noise = 30.0, 0.0
-    c.model.name, c.model.width = "resnet8", 8
+    s.bias_rate, s.test_bias_rate = 0.97, 0.5
+    s.noise, s.shape_noise = 20.0, 0.0
+    c.model.name, c.model.width = "resnet8", 16
     c.train.batch_size, c.train.eval_batch_size = 64, 200
     c.train.lr = 1e-3
     c.train.log_every = 100
@@ -37,9 +37,10 @@ def synthetic_config():
     cc = c.continual
     cc.tasks = ((0, 1), (2, 3))
     cc.methods = biaspruner.ALL_METHODS
-    cc.seeds = (0, 1, 2)
+    cc.seeds = (0, 1, 2, 3, 4)
     cc.sensitive_attr = "bias"
-    cc.biased_epochs, cc.finetune_epochs = 2, 6
-    cc.gamma = 0.3
-    cc.alpha = 2.0
+    cc.biased_epochs, cc.finetune_epochs = 2, 10
+    cc.gamma = 0.5
+    cc.alpha = 4.0
+    cc.task_selection = "bn"
     return c

@@ -28,6 +28,7 @@ spec = importlib.util.spec_from_file_location(
 quick = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(quick)
 cfg = quick.get_config("tiny")
+cfg.continual.task_selection = "entropy"  # random heads: entropy picks both tasks (stem scores too)
 tasks, info = continual.build_tasks(cfg)
 method = biaspruner.METHODS["biaspruner"]
 
@@ -42,6 +43,9 @@ state = state.replace(
     channel=subnetworks._unflat(channel),
     task_bn=jax.tree.map(lambda x: x + rng.normal(0, 0.5, x.shape).astype(x.dtype),
                          state.task_bn),
+    task_stats=jax.tree.map(lambda x: np.abs(x * rng.uniform(0.3, 3.0, x.shape)
+                                             + rng.normal(0, 0.5, x.shape)).astype(x.dtype),
+                            state.task_stats),
     heads=jax.tree.map(lambda x: rng.normal(0, 3.0, x.shape).astype(x.dtype), state.heads),
     stored=np.int32(env.num_tasks))
 
@@ -62,12 +66,12 @@ for tag, devices in (("all", jax.devices()), ("one", jax.devices()[:1])):
     def recording(batch):
         fed.append(batch["image"].sharding)
         out = method.predict(setup, s, batch, valid_tasks=valid)
-        out["logits"] = subnetworks.all_logits(s, batch["image"], model=setup.model,
-                                               task_axis=setup.task_axis, packnet=False)
+        out["logits"], out["stem_nll"] = subnetworks.all_logits(
+            s, batch["image"], model=setup.model, task_axis=setup.task_axis, packnet=False)
         return out
 
     r = predict(recording, e.batches(tasks[1].splits["test"]), e.mesh)
-    for k in ("task", "pred", "index", "logits"):
+    for k in ("task", "pred", "index", "logits", "stem_nll"):
         out[f"{tag}_{k}"] = r[k]
     out[f"{tag}_image_devices"] = np.array([len(f.device_set) for f in fed])
     out[f"{tag}_image_spec"] = np.array([str(f.spec) for f in fed])

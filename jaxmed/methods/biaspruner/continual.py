@@ -51,6 +51,7 @@ from jaxmed.train.writers import MetricWriter
 
 log = logging.getLogger(__name__)
 NEG = -1e9  # logit of a class a task does not have
+TASK_SELECTIONS = ("entropy", "bn")
 GROUP_KEYS = ("acc_aligned", "acc_conflicting", "aware_acc_aligned", "aware_acc_conflicting",
               "selection_aligned", "selection_conflicting")
 
@@ -81,6 +82,13 @@ def default_config() -> ml_collections.ConfigDict:
         # 'vmap' (batched over the stacked masks: grouped convolutions, measured 2.4-3.7x
         # slower on CPU and, for PruneCXR's levels, 1.75x slower on an H100).
         task_axis="map",
+        # How task-agnostic inference picks the task: 'entropy' (the paper: the lowest
+        # normalised predictive entropy) or 'bn', for the methods that store BatchNorm per task
+        # (biaspruner, biaspruner_magnitude, packnet): the lowest negative log-likelihood of the
+        # image's stem activations under each task's stored stem statistics (`subnetworks`
+        # docstring; the single-network baselines keep 'entropy'). Entropy picks the wrong
+        # task most of the time on the synthetic sequence: benchmarks/RESULTS.md.
+        task_selection="entropy",
     ))
     c.train.optimizer = "adam"
     c.train.lr = 1e-4
@@ -298,18 +306,26 @@ def normalized_entropy(logits, cmask):
     return ent / jnp.log(jnp.maximum(cmask.sum(-1), 2))[None]
 
 
+def lowest(scores, valid_tasks):
+    """Index of the lowest-scoring task among the valid (stored) ones: scores [B, T] -> [B]."""
+    return jnp.argmin(jnp.where(valid_tasks[None], scores, jnp.inf), axis=-1)
+
+
 def select_task(logits, cmask, valid_tasks):
     """Index of the lowest normalised-entropy task among the valid (stored) ones: [B]."""
-    ent = normalized_entropy(logits, cmask)
-    return jnp.argmin(jnp.where(valid_tasks[None], ent, jnp.inf), axis=-1)
+    return lowest(normalized_entropy(logits, cmask), valid_tasks)
 
 
-def decide(logits, cmask, valid_tasks) -> dict:
+def decide(logits, cmask, valid_tasks, stem_nll=None) -> dict:
     """Traced inside each method's jitted `predict`: the selected task, its within-task
-    prediction, and every task's own prediction (task-aware) [B, T]."""
-    task = select_task(logits, cmask, valid_tasks)
-    return {"task": task, "pred": jnp.argmax(pick(logits, task), -1),
-            "per_task": jnp.argmax(logits, -1)}
+    prediction, and every task's own prediction (task-aware) [B, T]. The task is the lowest
+    normalised entropy's (the paper), or, given `stem_nll` [B, T] (methods with per-task
+    BatchNorm under `continual.task_selection='bn'`), the lowest stem likelihood score's;
+    `task_entropy` is the entropy rule's choice either way (reported beside it)."""
+    by_entropy = select_task(logits, cmask, valid_tasks)
+    task = by_entropy if stem_nll is None else lowest(stem_nll, valid_tasks)
+    return {"task": task, "task_entropy": by_entropy,
+            "pred": jnp.argmax(pick(logits, task), -1), "per_task": jnp.argmax(logits, -1)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,6 +344,7 @@ class TaskEval:
     aware_acc: float
     selection_acc: float
     fairness: dict
+    selection_entropy_acc: float
     y: np.ndarray
     aware_pred: np.ndarray
     groups: dict = dataclasses.field(default_factory=dict)
@@ -372,8 +389,8 @@ def evaluate(env: Env, method: Method, setup, state, upto: int,
                                   r["attrs"].get(ALIGNED, np.full(len(y), -1)))
         out.append(TaskEval(float(np.mean(correct)), float(np.mean(aware == y)),
                             float(np.mean(sel == task.id)),
-                            metrics.fairness(y, aware, attr, cc.positive_class), y, aware,
-                            groups))
+                            metrics.fairness(y, aware, attr, cc.positive_class),
+                            float(np.mean(r["task_entropy"] == task.id)), y, aware, groups))
     return out
 
 
@@ -411,7 +428,8 @@ def run(config, workdir: str, methods: dict[str, Method]) -> dict:
                for m in names}
     summary = report.summarize(details)
     if sharding.is_lead_process():
-        report.write_report(os.path.join(workdir, "report"), details, tasks)
+        report.write_report(os.path.join(workdir, "report"), details, tasks,
+                            config.continual.get("task_selection", "entropy"))
     return {f"{m}/{k}": v for m, row in summary.items() for k, v in row.items()}
 
 
@@ -457,6 +475,7 @@ def run_method(env: Env, workdir: str, name: str, method: Method, writer, m_inde
     summary = metrics.continual_summary(agnostic)
     summary.update({f"aware_{k}": v for k, v in metrics.continual_summary(aware).items()})
     summary["task_selection"] = float(np.nanmean(selection[-1]))
+    summary["task_selection_entropy"] = float(np.mean([e.selection_entropy_acc for e in evals]))
     fair = [e.fairness for e in evals]
     for k in ("eopp0", "eopp1", "eodd", "dp_ratio"):
         summary[k] = float(np.nanmean([f[k] for f in fair]))

@@ -15,7 +15,7 @@ from jaxmed.train.comparison import metric_by_method_figure
 
 SUMMARY = ["acc", "acc_aligned", "acc_conflicting", "bwt", "forgetting", "aware_acc",
            "aware_acc_aligned", "aware_acc_conflicting", "task_selection", "selection_aligned",
-           "selection_conflicting", "eopp0", "eopp1", "eodd", "dp_ratio"]
+           "selection_conflicting", "task_selection_entropy", "eopp0", "eopp1", "eodd", "dp_ratio"]
 FAIRNESS = ["eopp0", "eopp1", "eodd", "dp_ratio", "accuracy_group0", "accuracy_group1",
             "balanced_accuracy_group0", "balanced_accuracy_group1"]
 CONTINUAL = ("biaspruner", "biaspruner_magnitude", "packnet", "finetune", "ewc", "lwf", "lff")
@@ -90,7 +90,7 @@ def _bars(ax, methods, summary, details, keys, labels):
     ax.legend(fontsize=7)
 
 
-def write_report(d: str, details: dict, tasks) -> None:
+def write_report(d: str, details: dict, tasks, selection: str = "entropy") -> None:
     """details: {method: [each seed's run_method result (results.json)]}."""
     os.makedirs(d, exist_ok=True)
     methods = list(details)
@@ -158,7 +158,7 @@ def write_report(d: str, details: dict, tasks) -> None:
         write_csv(os.path.join(d, "subnetworks.csv"),
                   ["method", "seed_index", "task", "unit", "total", "kept", "owned_new",
                    "gce_aligned", "gce_conflicting", "iou_with_tasks"], mask_rows)
-    _markdown(d, summary, details, methods, bool(mask_rows), len(tasks))
+    _markdown(d, summary, details, methods, bool(mask_rows), len(tasks), selection)
 
 
 def verdicts(summary: dict, num_tasks: int) -> list[str]:
@@ -193,16 +193,24 @@ def verdicts(summary: dict, num_tasks: int) -> list[str]:
         word = ("above chance by > 2 SE" if bp["seeds"] > 1 and sel - chance > 2 * se else
                 "NOT above chance by 2 SE" if bp["seeds"] > 1 else "one seed: no verdict")
         lines.append(f"- BiasPruner task selection {fmt(sel, se)} (chance {chance:.2f}): {word}")
+        ent = bp.get("task_selection_entropy", math.nan)
+        if np.isfinite(ent) and abs(ent - sel) > 1e-9:
+            lines.append(f"- (the entropy rule would pick the right task "
+                         f"{fmt(ent, bp['task_selection_entropy_se'])} of the time)")
     return lines
 
 
-def _markdown(d, summary, details, methods, has_masks: bool, num_tasks: int):
+def _markdown(d, summary, details, methods, has_masks: bool, num_tasks: int, selection: str):
     seeds = sorted({summary[m]["seeds"] for m in methods})
     cols = ["acc", "acc_aligned", "acc_conflicting", "aware_acc", "aware_acc_conflicting",
-            "task_selection", "selection_conflicting", "bwt", "eodd", "eopp0", "eopp1"]
+            "task_selection", "selection_conflicting", "task_selection_entropy", "bwt", "eodd",
+            "eopp0", "eopp1"]
     lines = ["# Continual learning report", "",
              f"Mean ± standard error over {'/'.join(map(str, seeds))} seeds. ACC / BWT from the "
-             "task-agnostic accuracy matrix (entropy-selected task) on the unbiased test images; "
+             "task-agnostic accuracy matrix (the task chosen by config.continual.task_selection: "
+             f"'{selection}' for the methods with per-task BatchNorm, entropy for the others; "
+             "task_selection_entropy: how often the entropy rule picks the right task) on the "
+             "unbiased test images; "
              "acc_aligned / acc_conflicting: the same on the bias-aligned / bias-conflicting "
              "test images; fairness (EOdd = sum of TPR and FPR gaps) on each task's unbiased "
              "test set with its own head, averaged over tasks.", "",

@@ -36,6 +36,16 @@ Decisions the paper leaves open:
     the stacked masks, BN and heads: `jax.vmap` (continual.task_axis='vmap') or `lax.map`
     (the default, since vmapping over weights turns convolutions into grouped ones, which
     were slower in every measurement: benchmarks/RESULTS.md).
+  - Task selection (`continual.task_selection`): 'entropy' as the paper, or 'bn': the task
+    whose stored stem BatchNorm statistics give the image's stem activations the highest
+    Gaussian likelihood (`stem_nll`, read by a flax method interceptor in the same forward
+    pass). For BiasPruner the stem convolution belongs to task 0 and is frozen after it, so
+    every subnetwork sees the same stem activations and the T scores are likelihoods of the
+    same data under T tasks' statistics; deeper BatchNorm inputs differ per subnetwork and are
+    not comparable. Decided because entropy picked the wrong task most of the time on the
+    synthetic sequence (each subnetwork is more confident on the other task's images than the
+    debiased one on its own: benchmarks/RESULTS.md), while the statistics every task stores
+    anyway (step 6) tell the tasks apart.
   - The ablation 'magnitude' changes only the ranking (filter L1 norm, the lowest pruned): the
     GCE phase and the exp(alpha * GCE) fine-tuning weights stay, so the two differ in which
     units are removed and nothing else.
@@ -50,6 +60,7 @@ from typing import Any
 
 import chex
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,6 +180,7 @@ class Setup:
     gce_q: float
     gamma: float
     alpha: float
+    by_bn: bool = False  # task selection by the stem likelihood (continual.task_selection)
 
 
 def task_masks(backbone, channel_t, owner, t, packnet: bool):
@@ -225,7 +237,31 @@ def score_batch(params, stats, task, cmask, batch, *, model, gce_q: float):
     return out
 
 
+def stem_nll(h, mean, var, eps: float = 1e-5):
+    """Per sample, the mean Gaussian negative log-likelihood (up to a constant) of activations
+    h [B, H, W, C] under BatchNorm running statistics (mean, var [C]): how well the image
+    matches the data those statistics were gathered on."""
+    h = h.astype(jnp.float32)
+    v = var.astype(jnp.float32) + eps
+    return jnp.mean(0.5 * (h - mean) ** 2 / v + 0.5 * jnp.log(v), axis=(1, 2, 3))
+
+
+def _record_first_bn(out: list):
+    """A flax method interceptor: `stem_nll` of the input of the model's first BatchNorm call
+    (the stem's), under that layer's running statistics, appended to `out`."""
+    def interceptor(call, args, kwargs, context):
+        if (not out and isinstance(context.module, nn.BatchNorm)
+                and context.method_name == "__call__"):
+            m = context.module
+            out.append(stem_nll(args[0], m.get_variable("batch_stats", "mean"),
+                                m.get_variable("batch_stats", "var"), m.epsilon))
+        return call(*args, **kwargs)
+    return interceptor
+
+
 def _all_logits(state: Subnetworks, images, *, model, task_axis: str, packnet: bool):
+    """Every subnetwork's logits [B, T, C_max] (absent classes at NEG) and its stem likelihood
+    score [B, T] (`stem_nll` under its stored statistics), in one program."""
     x = augment.normalize(images)
     num_tasks = state.cmask.shape[0]
 
@@ -233,36 +269,39 @@ def _all_logits(state: Subnetworks, images, *, model, task_axis: str, packnet: b
         bn, stats, chan, kernel, bias, t = args
         masks = task_masks(state.backbone, chan, state.owner, t, packnet)
         params = apply_masks(with_bn(state.backbone, bn), masks)
-        _, feats = model.apply({"params": params, "batch_stats": stats}, x, train=False,
-                               features=True)
-        return feats.astype(jnp.float32) @ kernel + bias
+        nll = []
+        with nn.intercept_methods(_record_first_bn(nll)):
+            _, feats = model.apply({"params": params, "batch_stats": stats}, x, train=False,
+                                   features=True)
+        return feats.astype(jnp.float32) @ kernel + bias, nll[0]
 
-    logits = over_stack(one, (state.task_bn, state.task_stats, state.channel,
-                                    state.heads["kernel"], state.heads["bias"],
-                                    jnp.arange(num_tasks)), task_axis)
-    return jnp.where(state.cmask[None], jnp.transpose(logits, (1, 0, 2)), continual.NEG)
+    logits, nll = over_stack(one, (state.task_bn, state.task_stats, state.channel,
+                                   state.heads["kernel"], state.heads["bias"],
+                                   jnp.arange(num_tasks)), task_axis)
+    return (jnp.where(state.cmask[None], jnp.transpose(logits, (1, 0, 2)), continual.NEG),
+            nll.T)
 
 
 all_logits = jax.jit(_all_logits, static_argnames=("model", "task_axis", "packnet"))
-all_logits.__doc__ = """Every subnetwork's logits [B, T, C_max] in one program (absent classes
-at NEG), whatever the number of stored tasks."""
 
 
-@functools.partial(jax.jit, static_argnames=("model", "task_axis", "packnet"))
+@functools.partial(jax.jit, static_argnames=("model", "task_axis", "packnet", "by_bn"))
 def predict_batch(state: Subnetworks, batch, valid_tasks, *, model, task_axis: str,
-                  packnet: bool):
-    """Task-agnostic inference of a global batch: all subnetworks, then entropy selection
-    among `valid_tasks` (`continual.decide`), in one program."""
+                  packnet: bool, by_bn: bool):
+    """Task-agnostic inference of a global batch: all subnetworks, then task selection among
+    `valid_tasks` by entropy or, `by_bn`, by the stem likelihood (`continual.decide`), in one
+    program."""
     chex.assert_rank(batch["image"], 4)
     chex.assert_shape(valid_tasks, (state.cmask.shape[0],))
-    logits = _all_logits(state, batch["image"], model=model, task_axis=task_axis,
-                         packnet=packnet)
-    return continual.decide(logits, state.cmask, valid_tasks)
+    logits, nll = _all_logits(state, batch["image"], model=model, task_axis=task_axis,
+                              packnet=packnet)
+    return continual.decide(logits, state.cmask, valid_tasks, nll if by_bn else None)
 
 
 def predict(setup: Setup, state: Subnetworks, batch, *, valid_tasks):
     return predict_batch(state, batch, valid_tasks, model=setup.model,
-                         task_axis=setup.task_axis, packnet=setup.selection == "packnet")
+                         task_axis=setup.task_axis, packnet=setup.selection == "packnet",
+                         by_bn=setup.by_bn)
 
 
 # ---------------------------------------------------------------------------------- build
@@ -301,7 +340,8 @@ def init(env: continual.Env, selection: str) -> tuple[Setup, Subnetworks]:
     # One optimizer for every phase (constant learning rate, as the reference's Adam); a fresh
     # optimizer state per phase.
     setup = Setup(model, build.make_optimizer(cfg.train, 1), selection, cc.task_axis,
-                  float(cc.gce_q), float(cc.gamma), float(cc.alpha))
+                  float(cc.gce_q), float(cc.gamma), float(cc.alpha),
+                  cc.get("task_selection", "entropy") == "bn")
     return setup, state
 
 
