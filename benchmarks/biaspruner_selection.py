@@ -14,6 +14,7 @@ import ml_collections
 
 from jaxmed.methods import biaspruner
 from jaxmed.methods.biaspruner import continual
+from jaxmed.train import comparison
 from jaxmed.train.checkpoint import Checkpointer
 
 
@@ -23,6 +24,8 @@ def main(workdir: str, methods: list[str]) -> None:
     sb = config.data.get("synthetic_bias")
     if sb is not None and "task_background" not in sb:  # workdirs written before the knob
         sb.task_background = True
+    if "task_selection" not in config.continual:  # ... and before task selection by BN
+        config.continual.task_selection = "entropy"
     tasks, info = continual.build_tasks(config)
     for m in methods or list(config.continual.methods):
         for seed in config.continual.seeds:
@@ -31,7 +34,7 @@ def main(workdir: str, methods: list[str]) -> None:
             env = continual.Env(cfg, tasks, info)
             method = biaspruner.METHODS[m]
             setup, state = method.build(env)
-            store = Checkpointer(os.path.join(workdir, "runs", m, f"seed_{seed}", "tasks"),
+            store = Checkpointer(os.path.join(comparison.run_dir(workdir, m, seed), "tasks"),
                                  keep=0, async_save=False)
             state, _ = store.restore(len(tasks), env.replicate(state))
             store.close()

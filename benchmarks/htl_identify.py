@@ -28,7 +28,7 @@ from jaxmed.data.synthetic import SyntheticSource, SyntheticSpec  # noqa: E402
 from jaxmed.methods import htl  # noqa: E402
 from jaxmed.methods.htl import driver, identify, trainer  # noqa: E402
 from jaxmed.models import create_model  # noqa: E402
-from jaxmed.train import build, sharding  # noqa: E402
+from jaxmed.train import build, sharding, steps  # noqa: E402
 
 
 def main():
@@ -60,7 +60,7 @@ def main():
                      eval_batches(src, global_batch=a.batch, preprocess=pre)][:a.num_train
                                                                                  // a.batch]
     eval_host = list(eval_batches(src, global_batch=a.eval_batch, preprocess=pre))
-    step = trainer.jit_train_step(trainer.make_train_step(model, tx, task="segmentation"), mesh)
+    step = steps.jit_train_step(trainer.make_train_step(model, tx, task="segmentation"), mesh)
     sparsities = tuple(float(s) for s in a.sparsities.split(","))
     fn = driver.make_identify_fn(model, task="segmentation", mesh=mesh)
     holder = {"s": state}

@@ -150,7 +150,7 @@ LOSSES = ("ce", "bce", "balanced_softmax", "focal", "ldam", "gce", "class_balanc
 
 def classification_loss(name: str, logits, labels, *, class_counts=None,
                         label_smoothing: float = 0.0, gce_q: float = 0.7,
-                        focal_gamma: float = 2.0):
+                        focal_gamma: float = 2.0, cb_beta: float = 0.9999, la_tau: float = 1.0):
     """Per-sample training loss by config name (the supervised trainer's switch). logits
     [B, C]; labels [B] class ids, or [B, C] multi-hot for 'bce'."""
     chex.assert_rank(logits, 2)
@@ -170,8 +170,11 @@ def classification_loss(name: str, logits, labels, *, class_counts=None,
     if name in ("balanced_softmax", "ldam", "class_balanced", "logit_adjusted"):
         if class_counts is None:
             raise ValueError(f"loss {name!r} needs the training class counts")
-        fn = {"balanced_softmax": balanced_softmax, "ldam": ldam,
-              "class_balanced": class_balanced, "logit_adjusted": logit_adjusted}[name]
+        if name == "class_balanced":
+            return class_balanced(logits, labels, class_counts, cb_beta)
+        if name == "logit_adjusted":
+            return logit_adjusted(logits, labels, class_counts, la_tau)
+        fn = {"balanced_softmax": balanced_softmax, "ldam": ldam}[name]
         return fn(logits, labels, class_counts)
     raise ValueError(f"unknown loss {name!r}; known: {LOSSES}")
 

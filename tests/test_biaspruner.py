@@ -284,6 +284,8 @@ def test_comparison_end_to_end(tmp_path):
                  "acc_by_method.png"):
         assert (d / name).stat().st_size > 0, name
     assert "- vs finetune: final ACC" in (d / "report.md").read_text()
+    header = (d / "comparison.csv").read_text().splitlines()[0].split(",")
+    assert header[:4] == ["method", "seeds", "acc", "acc_std"]  # the comparison contract
     assert "one seed: no verdict" in (d / "report.md").read_text()
     run = tmp_path / "runs" / "biaspruner" / "seed_0"
     res = json.load(open(run / "results.json"))

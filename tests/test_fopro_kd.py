@@ -307,3 +307,25 @@ def test_verdict_lines_say_why_not_with_the_figures():
         "  - why not: tail accuracy not higher (0.200 vs 0.300); tail acc hinton_kd 0.200 ± "
         "0.010, balanced_softmax 0.300 ± 0.050 over 3 / 3 seeds; teacher test acc 0.912; tail "
         "training counts: c1 5, c5 2"]
+
+
+def test_student_losses_take_the_setups_hyperparameters():
+    """Each student-only method's supervised term is its loss with the setup's beta / tau /
+    gamma (not the loss defaults), on asymmetric class counts."""
+    import dataclasses
+
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+    labels = jnp.asarray([0, 1, 2, 3, 0, 2])
+    counts = np.array([50, 20, 5, 2])
+    kw = {f.name: None for f in dataclasses.fields(trainer.Setup)}
+    kw.update(class_counts=tuple(counts), cb_beta=0.99, la_tau=0.5, focal_gamma=1.5)
+    want = {"ce": losses.cross_entropy(logits, labels),
+            "focal": losses.focal(logits, labels, 1.5),
+            "class_balanced": losses.class_balanced(logits, labels, counts, 0.99),
+            "logit_adjusted": losses.logit_adjusted(logits, labels, counts, 0.5),
+            "balanced_softmax": losses.balanced_softmax(logits, labels, counts)}
+    for method, ref in want.items():
+        setup = trainer.Setup(**{**kw, "method": method})
+        _, parts = trainer.per_sample_loss(setup, {"logits": logits}, labels, 0)
+        np.testing.assert_allclose(parts["loss_sup"], ref, rtol=1e-6, err_msg=method)

@@ -126,7 +126,7 @@ def tiny_unet():
     state = trainer.HtlState.from_train_state(
         build.create_state(jax.device_get(dict(v)), tx, jax.random.PRNGKey(1), mesh), 24)
     state = jax.device_put(state, sharding.replicated(mesh))
-    step = trainer.jit_train_step(trainer.make_train_step(model, tx, task="segmentation"), mesh)
+    step = steps.jit_train_step(trainer.make_train_step(model, tx, task="segmentation"), mesh)
     spec = SyntheticSpec(num_samples=24, image_size=16, with_mask=True, hard_rate=0.3)
     src = SyntheticSource(spec)
     batch = next(eval_batches(src, global_batch=8, preprocess=Preprocess(16, 3)))

@@ -303,3 +303,26 @@ def test_sigkill_mid_pruning_schedule_with_grain_workers_resumes_bitwise(tmp_pat
     for part in ("params", "masks", "batch_stats"):
         for a, b in zip(jax.tree.leaves(got[part]), jax.tree.leaves(want[part]), strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+def test_fixmatch_cosine_schedule_and_kernel_only_weight_decay():
+    """build: lr cos(7 pi k / 16 K) (TEAR / FixMatch) and weight decay limited to kernels by
+    `decay_mask` (a zero gradient moves a kernel, never a bias)."""
+    import optax
+
+    from jaxmed.train import build
+
+    t = supervised.default_config().train
+    t.lr, t.schedule, t.optimizer = 0.1, "fixmatch_cosine", "sgd"
+    t.momentum, t.weight_decay = 0.0, 0.5
+    lr = build.learning_rate(t, 40)
+    np.testing.assert_allclose([lr(0), lr(20), lr(40)],
+                               [0.1, 0.1 * np.cos(7 * np.pi / 32), 0.1 * np.cos(7 * np.pi / 16)],
+                               rtol=1e-6)
+    params = {"conv": {"kernel": jnp.ones((3, 3, 2, 2))}, "bn": {"bias": jnp.ones(2)}}
+    tx = build.make_optimizer(t, 40, decay_mask=build.kernels_only)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(new["conv"]["kernel"], 1 - 0.1 * 0.5, rtol=1e-6)
+    np.testing.assert_array_equal(new["bn"]["bias"], 1.0)

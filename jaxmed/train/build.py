@@ -66,38 +66,49 @@ def load_workdir_variables(workdir: str) -> dict:
 
 
 def learning_rate(train_cfg, total_steps: int):
-    """A float or an optax schedule: 'constant' (optional linear warmup) or 'cosine'."""
+    """A float or an optax schedule: 'constant' (optional linear warmup), 'cosine', or
+    'fixmatch_cosine' (lr cos(7 pi k / 16 K), the FixMatch / TEAR reference's decay)."""
     lr = train_cfg.lr
+    if train_cfg.schedule == "fixmatch_cosine":
+        return lambda k: lr * jnp.cos(7 * jnp.pi * k / (16 * max(total_steps, 1)))
     if train_cfg.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
             0.0, lr, train_cfg.warmup_steps, max(total_steps, train_cfg.warmup_steps + 1))
     if train_cfg.schedule == "constant":
         return (optax.linear_schedule(0.0, lr, train_cfg.warmup_steps)
                 if train_cfg.warmup_steps else lr)
-    raise ValueError(f"config.train.schedule={train_cfg.schedule!r}: use constant / cosine")
+    raise ValueError(f"config.train.schedule={train_cfg.schedule!r}: use constant / cosine / "
+                     "fixmatch_cosine")
 
 
-def make_optimizer(train_cfg, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(train_cfg, total_steps: int, decay_mask=None
+                   ) -> optax.GradientTransformation:
     """The optimizer of `config.train`, wrapped so that pruning masks and frozen weights hold
     (`jaxmed.pruning.masks.masked_optimizer`). Weight decay follows PyTorch: L2 added to the
-    gradient for 'adam' and 'sgd', decoupled for 'adamw'."""
+    gradient for 'adam' and 'sgd', decoupled for 'adamw'; `decay_mask` (an optax mask, e.g.
+    `kernels_only`) limits it to some leaves."""
     schedule = learning_rate(train_cfg, total_steps)
     parts = []
     if train_cfg.grad_clip_norm:
         parts.append(optax.clip_by_global_norm(train_cfg.grad_clip_norm))
     opt, wd = train_cfg.optimizer, train_cfg.weight_decay
     if opt == "adam":
-        parts += [optax.add_decayed_weights(wd)] if wd else []
+        parts += [optax.add_decayed_weights(wd, mask=decay_mask)] if wd else []
         parts += [optax.scale_by_adam(), optax.scale_by_learning_rate(schedule)]
     elif opt == "adamw":
-        parts += [optax.adamw(schedule, weight_decay=wd)]
+        parts += [optax.adamw(schedule, weight_decay=wd, mask=decay_mask)]
     elif opt == "sgd":
-        parts += [optax.add_decayed_weights(wd)] if wd else []
+        parts += [optax.add_decayed_weights(wd, mask=decay_mask)] if wd else []
         parts += [optax.sgd(schedule, momentum=train_cfg.momentum or None,
                             nesterov=train_cfg.nesterov)]
     else:
         raise ValueError(f"config.train.optimizer={opt!r}: use adam / adamw / sgd")
     return mask_lib.masked_optimizer(optax.chain(*parts))
+
+
+def kernels_only(params):
+    """Weight-decay mask of the kernels (ndim > 1): not BatchNorm scales or biases."""
+    return jax.tree.map(lambda x: x.ndim > 1, params)
 
 
 def create_state(variables: dict, tx, rng, mesh, masks=None) -> TrainState:

@@ -14,7 +14,6 @@ video never cross splits). Attribute `video` = the video id's code.
 
 from __future__ import annotations
 
-import csv
 import os
 
 import numpy as np
@@ -26,41 +25,22 @@ from jaxmed.data.sources import DatasetInfo, TableSource
 CLASSES = ["Ampulla of vater", "Angiectasia", "Blood - fresh", "Blood - hematin", "Erosion",
            "Erythema", "Foreign body", "Ileocecal valve", "Lymphangiectasia",
            "Normal clean mucosa", "Polyp", "Pylorus", "Reduced mucosal view", "Ulcer"]
-
-
-def read_table(path: str, required, *, dataset: str) -> T.Table:
-    """A CSV whose delimiter is ';' (the official metadata) or ','."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{dataset}: metadata file not found: {path}")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        first = f.readline()
-        f.seek(0)
-        rows = [r for r in csv.reader(f, delimiter=";" if ";" in first else ",")
-                if any(c.strip() for c in r)]
-    if not rows:
-        raise T.DataFormatError(f"{path}: empty file, expected columns {list(required)}")
-    table = T.Table(path, [h.strip() for h in rows[0]], rows[1:])
-    missing = [c for c in required if not table.has(c)]
-    if missing:
-        raise T.DataFormatError(f"{path}: {dataset} expects columns {list(required)}; missing "
-                                f"{missing}; the file has {table.header}")
-    return table
+LOOKUP = {T.norm(c): i for i, c in enumerate(CLASSES)}  # loosely compared class names
 
 
 def _class_folders(images_root: str) -> dict[str, int]:
     """{file name: class} from the class folders; an unknown folder fails naming it."""
-    lookup = {T.norm(c): i for i, c in enumerate(CLASSES)}
     found: dict[str, int] = {}
     for folder in sorted(os.listdir(images_root)):
         path = os.path.join(images_root, folder)
         if not os.path.isdir(path):
             continue
-        if T.norm(folder) not in lookup:
+        if T.norm(folder) not in LOOKUP:
             raise T.DataFormatError(f"{path}: folder {folder!r} is not a Kvasir-Capsule class; "
                                     f"known: {CLASSES}")
         for name in os.listdir(path):
             if os.path.splitext(name)[1].lower() in T.IMAGE_EXTENSIONS:
-                found[name] = lookup[T.norm(folder)]
+                found[name] = LOOKUP[T.norm(folder)]
     return found
 
 
@@ -69,19 +49,19 @@ def kvasir_capsule(cfg) -> Dataset:
     images_root = os.path.join(cfg.root, "labelled_images")
     if not os.path.isdir(images_root):
         raise FileNotFoundError(f"kvasir_capsule: no labelled_images/ folder under {cfg.root}")
-    meta = read_table(T.find_file(cfg.root, "metadata.csv"),
-                      ["filename", "video_id", "finding_class"], dataset="Kvasir-Capsule")
+    meta = T.read_csv(T.find_file(cfg.root, "metadata.csv"),
+                      ["filename", "video_id", "finding_class"], dataset="Kvasir-Capsule",
+                      delimiter=None)
     T.check_unique(meta, "filename")
     by_folder = _class_folders(images_root)
-    lookup = {T.norm(c): i for i, c in enumerate(CLASSES)}
     files, labels = [], []
     for r, (name, finding) in enumerate(zip(meta.column("filename"),
                                             meta.column("finding_class"))):
         name = name.strip()
-        if T.norm(finding) not in lookup:
+        if T.norm(finding) not in LOOKUP:
             raise T.DataFormatError(f"{meta.where(r)}: finding_class={finding!r} is not one of "
                                     f"{CLASSES}")
-        label = lookup[T.norm(finding)]
+        label = LOOKUP[T.norm(finding)]
         if name in by_folder and by_folder[name] != label:
             raise T.DataFormatError(
                 f"{meta.where(r)}: {name} is in the folder of {CLASSES[by_folder[name]]!r} but "
@@ -104,7 +84,7 @@ def kvasir_capsule(cfg) -> Dataset:
     row_of = {name.strip(): r for r, name in enumerate(meta.column("filename"))}
 
     def rows(path):
-        t = read_table(path, ["filename"], dataset="Kvasir-Capsule split")
+        t = T.read_csv(path, ["filename"], dataset="Kvasir-Capsule split", delimiter=None)
         T.check_unique(t, "filename")
         out = []
         for r, name in enumerate(t.column("filename")):

@@ -55,12 +55,17 @@ class Table:
         return f"{self.path}, line {self.line(row)}"
 
 
-def read_csv(path: str, required: Sequence[str], *, dataset: str) -> Table:
-    """Read a CSV and check that every required column is there (names compared loosely)."""
+def read_csv(path: str, required: Sequence[str], *, dataset: str,
+             delimiter: str | None = ",") -> Table:
+    """Read a CSV and check that every required column is there (names compared loosely).
+    `delimiter=None`: ';' if the header line has one (e.g. Kvasir-Capsule's metadata), else ','."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{dataset}: metadata file not found: {path}")
     with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
+        if delimiter is None:
+            delimiter = ";" if ";" in f.readline() else ","
+            f.seek(0)
+        reader = csv.reader(f, delimiter=delimiter)
         try:
             header = next(reader)
         except StopIteration:

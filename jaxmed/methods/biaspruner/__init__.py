@@ -66,7 +66,7 @@ def check_config(config) -> None:
     if not cc.task_split_files and not all(isinstance(t, (tuple, list)) for t in cc.tasks):
         raise ValueError(f"config.continual.tasks={cc.tasks!r} must be a tuple of class tuples, "
                          "e.g. ((0, 1), (2, 3))")
-    if cc.get("task_selection", "entropy") not in continual.TASK_SELECTIONS:
+    if cc.task_selection not in continual.TASK_SELECTIONS:
         raise ValueError(f"config.continual.task_selection={cc.task_selection!r}: use one of "
                          f"{continual.TASK_SELECTIONS}")
     if config.train.schedule != "constant":

@@ -168,8 +168,10 @@ def train_task(env: continual.Env, setup: Setup, state: Shared, t: int, workdir:
     heads = tasks <= t if setup.kind == "joint" else tasks == t
     trainable = {"backbone": jax.tree.map(lambda _: np.ones((), bool), s.params["backbone"]),
                  "heads": {"kernel": heads[:, None, None], "bias": heads[:, None]}}
-    extras = env.replicate(Extras(trainable, np.int32(t), s.params, s.stats, s.fisher, s.anchor,
-                                  s.cmask))
+    lwf, ewc = setup.kind == "lwf", setup.kind == "ewc"  # only what the kind reads goes to devices
+    extras = env.replicate(Extras(trainable, np.int32(t), s.params if lwf else None,
+                                  s.stats if lwf else None, s.fisher if ewc else None,
+                                  s.anchor if ewc else None, s.cmask))
     ts = continual.state_from(s.params, s.stats, setup.tx, jax.random.PRNGKey(cfg.seed + t))
     step = functools.partial(train_step, extras=extras, model=setup.model, tx=setup.tx,
                              kind=setup.kind, ewc_lambda=setup.ewc_lambda,

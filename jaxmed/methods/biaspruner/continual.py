@@ -254,6 +254,13 @@ class Env:
         return 1 + max(int(src[i]["index"]) for src in (t.splits["train"] for t in self.tasks)
                        for i in range(len(src)))
 
+    def with_config(self, config) -> "Env":
+        """The same tasks, data and mesh under another config (each seed's), keeping the index
+        bound already computed (it walks every training record)."""
+        env = Env(config, self.tasks, self.info, self.mesh)
+        env.__dict__["index_bound"] = self.index_bound  # the cached_property's slot
+        return env
+
     def preprocess(self, chain: str = "", seed: int = 0) -> Preprocess:
         size, _, channels = self.image_shape
         return Preprocess(size, channels, chain, seed, self.config.data.on_error)
@@ -399,7 +406,8 @@ def run(config, workdir: str, methods: dict[str, Method]) -> dict:
     """Run every method of config.continual.methods over the task sequence once per seed of
     config.continual.seeds (`jaxmed.train.comparison.run_all`: workdir/runs/<method>/seed_<s>,
     finished runs read back), then report means and standard errors over the seeds. Returns
-    {'<method>/<metric>': mean over seeds, '<method>/<metric>_se': its standard error}."""
+    {'<method>/<metric>': mean over seeds, '<method>/<metric>_std' / '_se': its sample sd and
+    standard error}."""
     write_config(config, workdir)
     tasks, info = build_tasks(config)
     attr = config.continual.sensitive_attr
@@ -417,8 +425,8 @@ def run(config, workdir: str, methods: dict[str, Method]) -> dict:
         cfg = copy.deepcopy(config)
         cfg.seed = int(seed)
         i = names.index(name) * len(seeds) + seeds.index(seed)
-        return run_method(Env(cfg, tasks, info, env.mesh), run_workdir, name, methods[name],
-                          writer, i)["summary"]
+        return run_method(env.with_config(cfg), run_workdir, name, methods[name], writer,
+                          i)["summary"]
 
     try:
         comparison.run_all(workdir, names, seeds, run_one)
@@ -429,7 +437,7 @@ def run(config, workdir: str, methods: dict[str, Method]) -> dict:
     summary = report.summarize(details)
     if sharding.is_lead_process():
         report.write_report(os.path.join(workdir, "report"), details, tasks,
-                            config.continual.get("task_selection", "entropy"))
+                            config.continual.task_selection)
     return {f"{m}/{k}": v for m, row in summary.items() for k, v in row.items()}
 
 

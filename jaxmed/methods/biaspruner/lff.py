@@ -76,8 +76,9 @@ def ema_update(memory, updated, index, value, valid, alpha: float):
 
 def class_max(memory, labels, num_classes: int):
     """Largest memory value of each class [C] (slots with label -1 belong to none)."""
-    per = jnp.where(labels[None, :] == jnp.arange(num_classes)[:, None], memory[None], 0.0)
-    return jnp.maximum(per.max(-1), 1e-8)
+    ids = jnp.where(labels < 0, num_classes, labels)  # out of range: dropped
+    per = jax.ops.segment_max(memory, ids, num_segments=num_classes)  # empty class: -inf
+    return jnp.maximum(per, 1e-8)
 
 
 def relative_difficulty(ema_b, ema_d, labels, index, y, num_classes: int):

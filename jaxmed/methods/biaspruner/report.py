@@ -1,5 +1,6 @@
-"""Report of a continual comparison over seeds, in workdir/report/: every number is a mean over
-the seeds with its standard error (SE = sample sd / sqrt(seeds)), every figure shows the spread,
+"""Report of a continual comparison over seeds, in workdir/report/: every number of report.md is a
+mean over the seeds with its standard error (SE = sample sd / sqrt(seeds); comparison.csv has
+the means and sample sds, `_std`, as every comparison), every figure shows the spread,
 and a verdict is drawn only from two or more seeds, when a difference of means exceeds two
 standard errors of the difference (sqrt(SE_a^2 + SE_b^2))."""
 
@@ -11,6 +12,7 @@ import os
 import numpy as np
 
 from jaxmed.report import new_figure, save_figure, write_csv, write_markdown
+from jaxmed.train import comparison
 from jaxmed.train.comparison import metric_by_method_figure
 
 SUMMARY = ["acc", "acc_aligned", "acc_conflicting", "bwt", "forgetting", "aware_acc",
@@ -32,13 +34,14 @@ def mean_se(values) -> tuple[float, float, int]:
 
 
 def summarize(details: dict) -> dict:
-    """{method: {metric: mean, metric_se: SE, 'seeds': n}} over each run's summary."""
-    out = {}
-    for m, runs in details.items():
-        row = {"seeds": len(runs)}
-        for k in runs[0]["summary"]:
-            row[k], row[f"{k}_se"], _ = mean_se([r["summary"].get(k) for r in runs])
-        out[m] = row
+    """{method: {metric: mean, metric_std: sd, metric_se: SE, 'seeds': n}} over each run's
+    summary: the shared `comparison.summarize`, plus the standard error the verdicts use."""
+    runs = {m: [r["summary"] for r in rs] for m, rs in details.items()}
+    metrics = list(next(iter(runs.values()))[0])
+    out = comparison.summarize(runs, metrics)
+    for m, row in out.items():
+        for k in metrics:
+            row[f"{k}_se"] = mean_se([r.get(k) for r in runs[m]])[1]
     return out
 
 
@@ -95,11 +98,9 @@ def write_report(d: str, details: dict, tasks, selection: str = "entropy") -> No
     os.makedirs(d, exist_ok=True)
     methods = list(details)
     summary = summarize(details)
-    n_seeds = {m: len(r) for m, r in details.items()}
-    write_csv(os.path.join(d, "comparison.csv"),
-              ["method", "seeds", *[c for k in SUMMARY for c in (k, f"{k}_se")]],
-              [[m, n_seeds[m], *[f"{summary[m].get(c, math.nan):.6g}" for k in SUMMARY
-                                 for c in (k, f"{k}_se")]] for m in methods])
+    comparison.write_comparison(os.path.join(d, "comparison.csv"),
+                                {m: [r["summary"] for r in rs] for m, rs in details.items()},
+                                SUMMARY)
     write_csv(os.path.join(d, "runs.csv"), ["method", "seed_index", *SUMMARY],
               [[m, i, *[f"{r['summary'].get(k, math.nan):.6g}" for k in SUMMARY]]
                for m in methods for i, r in enumerate(details[m])])
@@ -225,7 +226,7 @@ def _markdown(d, summary, details, methods, has_masks: bool, num_tasks: int, sel
     if has_masks:
         lines += ["", "Subnetwork sizes, overlaps and the GCE models' aligned / conflicting "
                   "counts per seed: subnetworks.csv."]
-    lines += ["", "Files: comparison.csv (means, _se), runs.csv (every seed), fairness.csv, "
+    lines += ["", "Files: comparison.csv (means, _std), runs.csv (every seed), fairness.csv, "
               "accuracy_matrix_<method>_<kind>.csv, accuracy_matrices.png, "
               "aligned_vs_conflicting.png, acc_vs_eodd.png, acc_by_method.png, "
               "eodd_by_method.png."]

@@ -341,7 +341,7 @@ def init(env: continual.Env, selection: str) -> tuple[Setup, Subnetworks]:
     # optimizer state per phase.
     setup = Setup(model, build.make_optimizer(cfg.train, 1), selection, cc.task_axis,
                   float(cc.gce_q), float(cc.gamma), float(cc.alpha),
-                  cc.get("task_selection", "entropy") == "bn")
+                  cc.task_selection == "bn")
     return setup, state
 
 

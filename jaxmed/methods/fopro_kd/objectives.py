@@ -37,6 +37,24 @@ def _class_loss(logits, labels, class_counts):
     return losses.balanced_softmax(logits, labels, class_counts)
 
 
+def class_weighted(kd, labels, kd_class_weights):
+    """Per-sample KD values scaled by their class's weight (None: unchanged)."""
+    if kd_class_weights is None:
+        return kd
+    return kd * jnp.asarray(kd_class_weights, jnp.float32)[labels]
+
+
+def projector_terms(proj, proj_logits, labels, teacher_features, class_counts, *,
+                    l2: bool = False, kd_class_weights=None):
+    """Per-sample (balanced softmax on fc_p, KD of p(h) to the teacher's features treated as
+    constants): EKD's 2 - 2 cos (feature KD's L2 with `l2`). The one place both the EKD loss
+    and the trainer's step compute the projector branch."""
+    sup_proj = losses.balanced_softmax(proj_logits, labels, class_counts)
+    t = jax.lax.stop_gradient(teacher_features)
+    kd = losses.feature_kd(proj, t) if l2 else losses.cosine_kd(proj, t)
+    return sup_proj, class_weighted(kd, labels, kd_class_weights)
+
+
 def ekd_loss(student: Mapping[str, jax.Array], labels, teacher_features, class_counts, *,
              w_kd=3.0, kd_class_weights=None):
     """EKD loss and its parts.
@@ -49,11 +67,9 @@ def ekd_loss(student: Mapping[str, jax.Array], labels, teacher_features, class_c
     chex.assert_equal_shape([proj, teacher_features])
     chex.assert_equal_shape([logits, proj_logits])
     sup = jnp.mean(losses.balanced_softmax(logits, labels, class_counts))
-    sup_proj = jnp.mean(losses.balanced_softmax(proj_logits, labels, class_counts))
-    kd = losses.cosine_kd(proj, jax.lax.stop_gradient(teacher_features))
-    if kd_class_weights is not None:
-        kd = kd * jnp.asarray(kd_class_weights, jnp.float32)[labels]
-    kd = jnp.mean(kd)
+    sup_proj, kd = jax.tree.map(jnp.mean, projector_terms(
+        proj, proj_logits, labels, teacher_features, class_counts,
+        kd_class_weights=kd_class_weights))
     loss = sup + sup_proj + w_kd * kd
     return loss, {"loss": loss, "loss_sup": sup, "loss_sup_proj": sup_proj, "loss_kd": kd}
 
@@ -94,9 +110,7 @@ def fpg_adversarial_loss(prompt_params, teacher_variables, student_proj, batch, 
     a constant here. Returns (loss, {'fpg_kd', 'fpg_penalty'})."""
     feats = teacher_features(prompt_params, teacher_variables, batch["image"],
                              teacher_apply=teacher_apply, window=window)
-    kd = losses.cosine_kd(jax.lax.stop_gradient(student_proj), feats)
-    if kd_class_weights is not None:
-        kd = kd * jnp.asarray(kd_class_weights, jnp.float32)[batch["label"]]
-    kd = jnp.mean(kd)
+    kd = jnp.mean(class_weighted(losses.cosine_kd(jax.lax.stop_gradient(student_proj), feats),
+                                 batch["label"], kd_class_weights))
     reg = fourier.mask_penalty(prompt_params, window)
     return -kd + penalty * reg, {"fpg_kd": kd, "fpg_penalty": reg}

@@ -148,20 +148,15 @@ def student_apply(setup: Setup, params, batch_stats, images, train: bool):
 def per_sample_loss(setup: Setup, out, labels, step, t_feats=None, t_logits=None):
     """(per-sample loss (B,), {part: per-sample values}) of `setup.method`."""
     m, counts, logits = setup.method, setup.class_counts, out["logits"]
-    if m == "ce":
-        sup = losses.cross_entropy(logits, labels)
-    elif m == "focal":
-        sup = losses.focal(logits, labels, setup.focal_gamma)
-    elif m == "class_balanced":
-        sup = losses.class_balanced(logits, labels, counts, setup.cb_beta)
-    elif m == "logit_adjusted":
-        sup = losses.logit_adjusted(logits, labels, counts, setup.la_tau)
-    elif m == "ldam_drw":
+    if m == "ldam_drw":
         w = losses.drw_weights(counts, step, setup.drw_start, setup.cb_beta)
         sup = losses.ldam(logits, labels, counts, setup.ldam_max_margin, setup.ldam_scale,
                           weights=w)
-    else:  # balanced_softmax and every KD method
-        sup = losses.balanced_softmax(logits, labels, counts)
+    else:  # the named loss; balanced softmax for it and under every KD method
+        name = m if m in ("ce", "focal", "class_balanced", "logit_adjusted") else "balanced_softmax"
+        sup = losses.classification_loss(name, logits, labels, class_counts=counts,
+                                         focal_gamma=setup.focal_gamma, cb_beta=setup.cb_beta,
+                                         la_tau=setup.la_tau)
     parts = {"loss_sup": sup}
     loss = sup
     if m == "hinton_kd":
@@ -169,14 +164,10 @@ def per_sample_loss(setup: Setup, out, labels, step, t_feats=None, t_logits=None
         parts["loss_kd"] = kd
         loss = loss + setup.w_hinton * kd
     if m in WITH_HEADS:
-        sup_p = losses.balanced_softmax(out["proj_logits"], labels, counts)
-        t = jax.lax.stop_gradient(t_feats)
-        if m == "feature_kd":
-            kd, w = losses.feature_kd(out["proj"], t), setup.w_feature
-        else:
-            kd, w = losses.cosine_kd(out["proj"], t), setup.w_kd
-        if setup.kd_class_weights is not None:
-            kd = kd * jnp.asarray(setup.kd_class_weights, jnp.float32)[labels]
+        sup_p, kd = objectives.projector_terms(
+            out["proj"], out["proj_logits"], labels, t_feats, counts, l2=m == "feature_kd",
+            kd_class_weights=setup.kd_class_weights)
+        w = setup.w_feature if m == "feature_kd" else setup.w_kd
         parts.update(loss_sup_proj=sup_p, loss_kd=kd)
         loss = loss + sup_p + w * kd
     return loss, parts

@@ -45,10 +45,11 @@ from jaxmed import data as data_lib
 from jaxmed.data.pipeline import Preprocess, eval_batches, train_stream, weighted_train_stream
 from jaxmed.methods import supervised, tear
 from jaxmed.methods.htl import driver, semi, trainer
+from jaxmed.methods.tear import data as ssl_data
 from jaxmed.models import create_model
 from jaxmed.models.unet import load_encoder
 from jaxmed.pruning.sweep import check_axis
-from jaxmed.train import build, comparison, sharding
+from jaxmed.train import build, comparison, sharding, steps
 from jaxmed.train import workdir as workdir_lib
 from jaxmed.train.loop import LoopSettings, train_loop
 from jaxmed.train.writers import MetricWriter
@@ -202,12 +203,12 @@ def run_one(config, method: str, seed: int, workdir: str) -> dict:
     total = build.total_steps(tcfg, steps_per_epoch)
     tx = build.make_optimizer(tcfg, total)
     variables = init_variables(model, config, init_rng, (size, size, channels))
-    positions = driver.index_positions(ds["train"])
+    positions = ssl_data.record_indices(ds["train"])
     state = build.create_state(variables, tx, state_rng, mesh)
     state = jax.device_put(trainer.HtlState.from_train_state(state, int(positions.max()) + 1),
                            sharding.replicated(mesh))
     dtype = jnp.dtype(config.model.dtype)
-    train_step = trainer.jit_train_step(trainer.make_train_step(
+    train_step = steps.jit_train_step(trainer.make_train_step(
         model, tx, task=base_task, compute_dtype=dtype, dice_weight=h.dice_weight,
         bce_weight=h.bce_weight), mesh)
     if task == "segmentation":
@@ -224,7 +225,7 @@ def run_one(config, method: str, seed: int, workdir: str) -> dict:
         return eval_batches(ds[split], global_batch=batch_size, preprocess=eval_pre,
                             num_workers=config.data.num_workers)
 
-    evaluate = trainer.SplitEvaluator(trainer.jit_predict(pred, mesh), batches, mesh, task)
+    evaluate = trainer.SplitEvaluator(steps.jit_eval_step(pred, mesh), batches, mesh, task)
     attention = ATTENTION[method]
     epochs = max(tcfg.epochs, 1) if tcfg.steps <= 0 else -(-tcfg.steps // steps_per_epoch)
     current = {}

@@ -79,13 +79,6 @@ def identify(identify_fn: Callable, params, batch_stats, sparsities: Sequence[fl
     return out
 
 
-def index_positions(source) -> np.ndarray:
-    """The stable `index` of each source position: `ids` of table sources, else the position
-    (synthetic and in-memory sources number their records 0..N-1)."""
-    ids = getattr(source, "ids", None)
-    return np.asarray(ids if ids is not None else np.arange(len(source)), np.int64)
-
-
 def composition(htl: np.ndarray, attrs: dict[str, np.ndarray]) -> dict[str, float]:
     """HTL-set size and, per attribute value, its share of the HTL set and of all samples."""
     out = {"size": float(htl.sum()), "fraction": float(htl.mean())}

@@ -26,14 +26,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxmed import data as data_lib
-from jaxmed.data.pipeline import Preprocess, eval_batches
+from jaxmed.data.pipeline import eval_batches
 from jaxmed.methods import tear
 from jaxmed.methods.htl import driver, trainer
 from jaxmed.methods.tear import algorithms
 from jaxmed.methods.tear import data as ssl_data
-from jaxmed.train import sharding
-from jaxmed.train.loop import LoopSettings, train_loop
+from jaxmed.train import sharding, steps
+from jaxmed.train.loop import train_loop
 from jaxmed.train.writers import MetricWriter
 
 
@@ -74,26 +73,14 @@ def run_one(config, method: str, seed: int, workdir: str, *, attention: str | No
     h, tcfg = config.htl, config.train
     cfg = tear_config(config, seed)
     run = tear.build_ssl_run(cfg, h.ssl_algorithm)
-    mesh, ds, model, unlabeled = run["mesh"], run["ds"], run["model"], run["unlabeled"]
+    mesh, model, unlabeled = run["mesh"], run["model"], run["unlabeled"]
     total, dtype = run["total"], run["hyper"].compute_dtype
-    size = data_lib.image_size(cfg.data, ds.info)
-    channels = data_lib.image_channels(cfg.data, ds.info)
-    eval_pre = Preprocess(size, channels, "", seed, cfg.data.on_error)
-    workers = cfg.data.num_workers
-
-    def batches(split):
-        return eval_batches(ds[split], global_batch=tcfg.eval_batch_size, preprocess=eval_pre,
-                            num_workers=workers)
-
+    ev = run["evaluator"]  # TEAR's: its batches and preprocessing serve identification too
+    eval_pre = ev.preprocess
     evaluate = trainer.SplitEvaluator(
-        trainer.jit_predict(trainer.make_classification_predict(model, compute_dtype=dtype),
-                            mesh), batches, mesh, "classification")
-    settings = LoopSettings.from_config(tcfg)
-    settings.steps = total
-    if settings.eval_every == 0:
-        settings.eval_every = max(total // 10, 1)
-    if settings.checkpoint_every == 0:
-        settings.checkpoint_every = max(total // 10, 1)
+        steps.jit_eval_step(trainer.make_classification_predict(model, compute_dtype=dtype),
+                            mesh), ev.batches, mesh, "classification")
+    settings = tear.loop_settings(tcfg, total)
     writer = MetricWriter(workdir, enabled=sharding.is_lead_process())
     sparsities = tuple(float(s) for s in h.sparsities)
     positions = ssl_data.record_indices(unlabeled)
@@ -106,7 +93,7 @@ def run_one(config, method: str, seed: int, workdir: str, *, attention: str | No
             driver.make_identify_fn(model, task="classification", level_axis=h.level_axis,
                                     mesh=mesh, compute_dtype=dtype),
             lambda: eval_batches(unlabeled, global_batch=ident_bs, preprocess=eval_pre,
-                                 num_workers=workers),
+                                 num_workers=ev.num_workers),
             mesh, sparsities, every=h.every_epochs * steps_per_epoch, total=total,
             attention=attention, weight=float(h.weight), top_q=h.top_q or None,
             positions=positions, stream=lambda: None, writer=writer, workdir=workdir,

@@ -30,8 +30,9 @@ import optax
 
 from jaxmed import losses, metrics
 from jaxmed.data import augment
+from jaxmed.methods.htl import identify
 from jaxmed.models.unet import encoder_of
-from jaxmed.train import sharding, steps
+from jaxmed.train import steps
 from jaxmed.train.evaluate import predict
 from jaxmed.train.state import TrainState
 
@@ -54,7 +55,7 @@ def target_masks(mask):
 
 
 # ------------------------------------------------------------------------------- steps
-def make_train_step(model, tx, *, task: str, compute_dtype=jnp.float32, num_classes: int = 0,
+def make_train_step(model, tx, *, task: str, compute_dtype=jnp.float32,
                     dice_weight: float = 1.0, bce_weight: float = 1.0) -> Callable:
     """A pure (state, batch) -> (state, metrics) for task 'segmentation' (U-Net, Dice + BCE on
     batch['mask']) or 'classification' (CE on batch['label']); every sample's loss is scaled
@@ -90,7 +91,7 @@ def make_train_step(model, tx, *, task: str, compute_dtype=jnp.float32, num_clas
                "plain_loss": losses.weighted_mean(per, valid),
                "attended": losses.weighted_mean((weights != 1).astype(jnp.float32), valid)}
         if task == "segmentation":
-            iou = mask_iou(logits > 0, target_masks(batch["mask"]) > 0)
+            iou = identify.mask_iou(logits > 0, target_masks(batch["mask"]) > 0)
             out["iou"] = losses.weighted_mean(iou, valid)
         else:
             out["accuracy"] = losses.weighted_mean(
@@ -98,17 +99,6 @@ def make_train_step(model, tx, *, task: str, compute_dtype=jnp.float32, num_clas
         return state, out
 
     return step
-
-
-def mask_iou(a, b):
-    """Per-image IoU of bool masks [B, ...]; both empty: 1 (as metrics.iou_per_image)."""
-    axes = tuple(range(1, a.ndim))
-    inter, union = jnp.sum(a & b, axes), jnp.sum(a | b, axes)
-    return jnp.where(union > 0, inter / jnp.maximum(union, 1), 1.0)
-
-
-def jit_train_step(step, mesh):
-    return steps.jit_train_step(step, mesh)
 
 
 def make_segmentation_predict(model, *, compute_dtype=jnp.float32) -> Callable:
@@ -155,11 +145,6 @@ def class_activation(encoder, params, batch_stats, images):
     cam = cam / jnp.maximum(jnp.max(cam, (1, 2), keepdims=True), 1e-12)
     b, h, w = images.shape[:3]
     return logits, jax.image.resize(cam, (b, h, w), "bilinear")
-
-
-def jit_predict(fn, mesh):
-    rep, dat = sharding.replicated(mesh), sharding.data_sharding(mesh)
-    return jax.jit(fn, in_shardings=(rep, dat), out_shardings=dat)
 
 
 # ------------------------------------------------------------------------- evaluation

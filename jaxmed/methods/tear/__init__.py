@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from jaxmed import data as data_lib
 from jaxmed import metrics
@@ -40,7 +39,6 @@ from jaxmed.methods.tear.adapl import DISTANCES
 from jaxmed.methods.tear.device_augment import strong_augment
 from jaxmed.methods.tear.step import Hyper, SSLState, create_ssl_state, init_memory, \
     make_ssl_step
-from jaxmed.pruning import masks as mask_lib
 from jaxmed.train import build, comparison, sharding, steps
 from jaxmed.train.evaluate import Evaluator
 from jaxmed.train.loop import LoopSettings, train_loop
@@ -109,26 +107,6 @@ def check_config(config) -> None:
         raise ValueError("config.pruning.criterion: the semi-supervised trainer trains dense")
 
 
-def make_optimizer(tcfg, total: int):
-    """The kit's optimizer, plus the FixMatch schedule lr cos(7 pi k / 16 K) with SGD weight
-    decay on the kernels only (not BN / biases, spec)."""
-    if tcfg.schedule != "fixmatch_cosine":
-        return build.make_optimizer(tcfg, total)
-    lr = lambda k: tcfg.lr * jnp.cos(7 * jnp.pi * k / (16 * max(total, 1)))  # noqa: E731
-    parts = [optax.clip_by_global_norm(tcfg.grad_clip_norm)] if tcfg.grad_clip_norm else []
-    decay_mask = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)  # noqa: E731
-    if tcfg.weight_decay:
-        parts.append(optax.add_decayed_weights(tcfg.weight_decay, mask=decay_mask))
-    if tcfg.optimizer == "sgd":
-        parts.append(optax.sgd(lr, momentum=tcfg.momentum or None, nesterov=tcfg.nesterov))
-    elif tcfg.optimizer == "adam":
-        parts += [optax.scale_by_adam(), optax.scale_by_learning_rate(lr)]
-    else:
-        raise ValueError(f"config.train.optimizer={tcfg.optimizer!r} with fixmatch_cosine: "
-                         "use sgd or adam")
-    return mask_lib.masked_optimizer(optax.chain(*parts))
-
-
 class _AsLabeled:
     def __call__(self, batch):
         return {"labeled": batch}
@@ -162,7 +140,7 @@ def build_ssl_run(config, method: str):
     channels = data_lib.image_channels(config.data, info)
     model = build.build_model(config.model, info.num_classes)
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    tx = make_optimizer(tcfg, total)
+    tx = build.make_optimizer(tcfg, total, decay_mask=build.kernels_only)  # spec: kernels only
     variables = build.init_variables(model, config.model, init_rng, (size, size, channels))
     _, feats = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, size, size, channels)),
                                                     train=False, features=True), variables)
@@ -210,6 +188,19 @@ def build_ssl_run(config, method: str):
                 make_stream=make_stream, total=total, hyper=hp, algorithm=alg)
 
 
+def loop_settings(train_cfg, total: int) -> LoopSettings:
+    """The loop settings of an SSL run of `total` steps. 'Once per epoch' means different
+    things for the labeled-only and the SSL streams: by default every algorithm evaluates and
+    checkpoints every tenth of training instead."""
+    settings = LoopSettings.from_config(train_cfg)
+    settings.steps = total
+    if settings.eval_every == 0:
+        settings.eval_every = max(total // 10, 1)
+    if settings.checkpoint_every == 0:
+        settings.checkpoint_every = max(settings.eval_every, 1)
+    return settings
+
+
 def run_one(config, method: str, seed: int, workdir: str, hooks=()) -> dict:
     """Train one algorithm with one seed in `workdir`; returns flat final metrics."""
     config = ml_collections.ConfigDict(config.to_dict())
@@ -218,14 +209,7 @@ def run_one(config, method: str, seed: int, workdir: str, hooks=()) -> dict:
     write_config(config, workdir, harmless=HARMLESS_KEYS)
     start = time.time()
     run = build_ssl_run(config, method)
-    settings = LoopSettings.from_config(config.train)
-    settings.steps = run["total"]
-    # 'once per epoch' means different things for the labeled-only and the SSL streams:
-    # the same cadence for every algorithm instead (a tenth of training).
-    if settings.eval_every == 0:
-        settings.eval_every = max(run["total"] // 10, 1)
-    if settings.checkpoint_every == 0:
-        settings.checkpoint_every = max(settings.eval_every, 1)
+    settings = loop_settings(config.train, run["total"])
     evaluator, kept = run["evaluator"], {}
 
     def evaluate(state, split):  # keeps the final test pass's outputs (per-class recall)

@@ -104,6 +104,9 @@ def record_indices(source) -> np.ndarray:
             return source.indices.copy()  # array-like sources: index == position
     if isinstance(source, TableSource):
         return source.ids.astype(np.int64)
+    if (not isinstance(source, SubsetSource) and hasattr(source, "labels")
+            and not hasattr(source, "ids")):
+        return np.arange(len(source), dtype=np.int64)  # array-like sources: index == position
     return np.asarray([int(source[i]["index"]) for i in range(len(source))], np.int64)
 
 
