@@ -533,6 +533,50 @@ def test_lff_weights_match_a_numpy_port_of_the_lff_code():
     np.testing.assert_allclose(w, [1 / 3, 2 / 3, 0.5], rtol=1e-5)
 
 
+def test_shared_colours_paint_every_task_with_task_0s_pair():
+    """`shared_colours`: the same images, except that task 1's glyphs take task 0's red / green
+    by their `bias` attribute; task 0's images are untouched."""
+    from jaxmed.data import synthetic_bias as sb
+
+    kw = dict(num_tasks=2, per_task=40, size=16, bias_rate=0.9, noise=0.0, seed=3)
+    own, y, bias, _ = sb.generate(**kw)
+    shared, y2, bias2, _ = sb.generate(**kw, shared_colours=True)
+    assert (y == y2).all() and (bias == bias2).all()
+    np.testing.assert_array_equal(own[:40], shared[:40])
+    for i in range(40, 80):
+        glyph = np.any(own[i] != shared[i], axis=-1)
+        assert glyph.sum() > 10
+        mean = shared[i][glyph].mean(0)
+        dist = np.linalg.norm(sb.COLOURS[0] - mean, axis=-1)  # to red, green
+        assert np.argmin(dist) == bias[i] and dist.min() < 45, (i, mean)
+        assert np.linalg.norm(own[i][glyph].mean(0) - sb.COLOURS[1, bias[i]]) < 45
+
+
+def test_balanced_finetune_weights_give_both_gce_groups_the_same_total():
+    """exp(alpha * GCE) per sample in the table slot of its record index; with the GCE split,
+    the misclassified samples' weights are scaled to the aligned samples' total (JTT-style),
+    keeping the ratios inside each group; an empty group leaves the weights as they are."""
+    index = np.array([5, 0, 3, 7, 2])
+    gce = np.array([0.1, 1.2, 0.0, 0.9, 0.3])
+    aligned = np.array([True, False, True, False, True])
+    ones = np.ones(9, np.float32)
+    plain = subnetworks.finetune_weights(index, gce, 2.0, ones, 0)
+    np.testing.assert_allclose(plain[index], np.exp(2.0 * gce), rtol=1e-6)
+    assert plain[[1, 4, 6, 8]].tolist() == [1, 1, 1, 1]  # records of no sample keep weight 1
+    w = subnetworks.finetune_weights(index, gce, 2.0, ones, 0, aligned)
+    e = np.exp(2.0 * gce)
+    total = e[aligned].sum()  # 1.2214 + 1 + 1.8221 = 4.04; conflicting e^2.4 + e^1.8 = 17.07
+    np.testing.assert_allclose(w[index][aligned], e[aligned], rtol=1e-6)
+    np.testing.assert_allclose(w[index][~aligned], e[~aligned] * total / e[~aligned].sum(),
+                               rtol=1e-6)
+    np.testing.assert_allclose(w[[0, 7]].sum(), w[[5, 3, 2]].sum(), rtol=1e-6)
+    # alpha 0: JTT's upweighting, |aligned| / |conflicting| = 3 / 2 for each conflicting sample
+    jtt = subnetworks.finetune_weights(index, gce, 0.0, ones, 0, aligned)
+    np.testing.assert_allclose(jtt[index], [1, 1.5, 1, 1.5, 1], rtol=1e-6)
+    same = subnetworks.finetune_weights(index, gce, 2.0, ones, 0, np.ones(5, bool))
+    np.testing.assert_allclose(same, plain, rtol=1e-6)
+
+
 @pytest.mark.parametrize("key, value, match", [
     ("continual.methods", ("biaspruner", "packnett"), r"unknown \['packnett'\]"),
     ("continual.seeds", (0, 0), "repeats a seed"),

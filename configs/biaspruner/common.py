@@ -23,12 +23,14 @@ def synthetic_config():
     c = biaspruner.default_config()
     c.data.name = "synthetic_bias"
     c.data.image_size = 24
-    c.data.train_augment = ""
+    # label-preserving for tasks 0 and 1 (vflip would swap task 2's triangles)
+    c.data.train_augment = "flip|vflip|translate(2)"
     s = c.data.synthetic_bias
     s.num_tasks = 2
     s.num_train, s.num_val, s.num_test = 3000, 50, 600
     s.bias_rate, s.test_bias_rate = 0.97, 0.5
-    s.noise, s.shape_noise = 20.0, 0.0
+    s.noise, s.shape_noise = 20.0, 0.1  # the outline is wrong on 10% of training images
+    s.shared_colours = True  # one sensitive attribute (red / green) across tasks
     c.model.name, c.model.width = "resnet8", 16
     c.train.batch_size, c.train.eval_batch_size = 64, 200
     c.train.lr = 1e-3
@@ -39,8 +41,9 @@ def synthetic_config():
     cc.methods = biaspruner.ALL_METHODS
     cc.seeds = (0, 1, 2, 3, 4)
     cc.sensitive_attr = "bias"
-    cc.biased_epochs, cc.finetune_epochs = 2, 10
+    cc.biased_epochs, cc.finetune_epochs = 2, 15
     cc.gamma = 0.5
     cc.alpha = 4.0
+    cc.balance_groups = True
     cc.task_selection = "bn"
     return c

@@ -26,8 +26,8 @@ from jaxmed.config_check import sibling
 def get_config(arg: str = ""):
     c = sibling(__file__).synthetic_config()
     s = c.data.synthetic_bias
-    s.num_train, s.num_val, s.num_test = 1500, 50, 400
-    c.continual.methods = ("biaspruner", "packnet", "finetune", "ewc", "lwf", "lff")
+    s.num_train, s.num_val, s.num_test = 2500, 50, 400
+    c.continual.methods = ("biaspruner", "packnet", "finetune", "ewc", "lwf")
     c.continual.seeds = (0, 1)
     if arg == "tiny":  # tests: seconds
         s.num_train, s.num_val, s.num_test = 96, 16, 48

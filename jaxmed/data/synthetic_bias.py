@@ -10,7 +10,10 @@ Task t has its own two classes (global classes 2t, 2t + 1) and its own look:
     yellow, ...). In training (and validation) the colour index (attribute `bias`) equals the
     within-task label with probability `bias_rate`, otherwise it is the other colour; in the
     test set with probability `test_bias_rate` (0.5: unbiased). A colour is read from any
-    pixel of the glyph, so it survives the noise: the shortcut is easier than the outline;
+    pixel of the glyph, so it survives the noise: the shortcut is easier than the outline.
+    `shared_colours`: every task uses task 0's red / green instead, so the sensitive attribute
+    is one attribute across the sequence, as skin type is in every task of Fitzpatrick17k:
+    a later task then trains the colour features further instead of overwriting them;
   * background: a task-specific tone and texture (stripes, checker, gradient, dots, plain), so
     that a task's images are told apart from another task's at a glance.
 `shape_noise` (label noise on the true cue): that fraction of training images carries the
@@ -44,7 +47,7 @@ def default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         num_tasks=2, num_train=3000, num_val=100, num_test=600,  # images per task
         bias_rate=0.97, test_bias_rate=0.5, shape_noise=0.0, noise=40.0, task_background=True,
-        seed=0))
+        shared_colours=False, seed=0))
 
 
 def _glyph(kind: np.ndarray, u: np.ndarray, v: np.ndarray, r: np.ndarray) -> np.ndarray:
@@ -90,7 +93,8 @@ def _background(task: np.ndarray, xx, yy, rng) -> np.ndarray:
 
 
 def generate(num_tasks: int, per_task: int, size: int, bias_rate: float, *, shape_noise: float
-             = 0.0, noise: float = 40.0, task_background: bool = True, seed: int = 0):
+             = 0.0, noise: float = 40.0, task_background: bool = True,
+             shared_colours: bool = False, seed: int = 0):
     """(images uint8 [N, S, S, 3], labels [N], bias [N], aligned [N]), tasks in order."""
     if not 1 <= num_tasks <= MAX_TASKS:
         raise ValueError(f"synthetic_bias: num_tasks={num_tasks} must be in 1..{MAX_TASKS}")
@@ -111,7 +115,7 @@ def generate(num_tasks: int, per_task: int, size: int, bias_rate: float, *, shap
     du, dv = xx[None] - cx, yy[None] - cy
     u, v = np.cos(a) * du + np.sin(a) * dv, -np.sin(a) * du + np.cos(a) * dv
     mask = _glyph(2 * task + drawn, u, v, r)
-    colour = COLOURS[task, bias] + rng.normal(0, 12, (n, 3))
+    colour = COLOURS[0 if shared_colours else task, bias] + rng.normal(0, 12, (n, 3))
     img = _background(task if task_background else np.full(n, -1), xx, yy, rng)
     img = np.where(mask[..., None], colour[:, None, None, :], img)
     img += rng.normal(0, noise, img.shape)
@@ -124,6 +128,7 @@ def _source(s, per_task: int, size: int, bias_rate: float, split_seed: int, shap
                                              float(bias_rate), shape_noise=shape_noise,
                                              noise=float(s.noise),
                                              task_background=bool(s.task_background),
+                                             shared_colours=bool(s.shared_colours),
                                              seed=[int(s.seed), split_seed])
     return ArraySource(images, labels.astype(np.int64), {"bias": bias, "aligned": aligned})
 

@@ -29,6 +29,7 @@ quick = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(quick)
 cfg = quick.get_config("tiny")
 cfg.continual.task_selection = "entropy"  # random heads: entropy picks both tasks (stem scores too)
+cfg.data.synthetic_bias.shared_colours = False  # tasks differ in colour: random heads differ too
 tasks, info = continual.build_tasks(cfg)
 method = biaspruner.METHODS["biaspruner"]
 

@@ -73,6 +73,11 @@ def default_config() -> ml_collections.ConfigDict:
         gamma=0.3,  # fraction of units (BiasPruner) / free weights (PackNet) pruned per task
         gce_q=0.7,
         alpha=0.0,  # > 0: fine-tune weights each sample by exp(alpha * its GCE loss)
+        # True: then rescale the weights of the samples the GCE model gets wrong (S_bc) so that
+        # they carry the same total weight as the rest (S_ba), as JTT's upweighting: with few
+        # conflicting samples exp(alpha * GCE) alone makes them dominate and the subnetwork
+        # learns the colour the other way round (subnetworks.finetune_weights)
+        balance_groups=False,
         ewc_lambda=100.0,
         ewc_samples=256,
         lwf_lambda=1.0,
