@@ -2,6 +2,7 @@
 and continual metrics vs hand-computed values, 8-device inference equal to 1-device, the whole
 comparison end to end."""
 
+import copy
 import functools
 import importlib.util
 import json
@@ -444,6 +445,7 @@ def test_gce_model_finds_the_bias_conflicting_samples(tmp_path):
     cfg = _config("quick", "tiny")
     s = cfg.data.synthetic_bias
     s.num_tasks, s.num_train, s.bias_rate, s.noise = 1, 256, 0.85, 60.0
+    s.shape_noise, cfg.data.train_augment = 0.0, ""  # the setting this was written for
     cfg.continual.tasks = ((0, 1),)
     cfg.continual.biased_epochs = 4
     tasks, info = continual.build_tasks(cfg)
@@ -573,8 +575,31 @@ def test_balanced_finetune_weights_give_both_gce_groups_the_same_total():
     # alpha 0: JTT's upweighting, |aligned| / |conflicting| = 3 / 2 for each conflicting sample
     jtt = subnetworks.finetune_weights(index, gce, 0.0, ones, 0, aligned)
     np.testing.assert_allclose(jtt[index], [1, 1.5, 1, 1.5, 1], rtol=1e-6)
-    same = subnetworks.finetune_weights(index, gce, 2.0, ones, 0, np.ones(5, bool))
-    np.testing.assert_allclose(same, plain, rtol=1e-6)
+    for one_group in (np.ones(5, bool), np.zeros(5, bool)):
+        same = subnetworks.finetune_weights(index, gce, 2.0, ones, 0, one_group)
+        np.testing.assert_allclose(same, plain, rtol=1e-6)
+
+
+def test_config_reaches_the_weighting_and_the_images(env):
+    """The synthetic configs' balance_groups reaches BiasPruner's setup (and its ablation's),
+    shared_colours the generated images; vflip with a third task (triangles) is refused."""
+    from jaxmed.data import synthetic_bias as sb
+
+    assert env.config.continual.balance_groups
+    assert subnetworks.init(env, "bias")[0].balance
+    assert subnetworks.init(env, "magnitude")[0].balance
+    data = env.config.data
+    shared = sb.build(data).splits["test"]
+    own = copy.deepcopy(data)
+    own.synthetic_bias.shared_colours = False
+    other = sb.build(own).splits["test"]
+    task0 = np.asarray(shared.labels) < 2
+    np.testing.assert_array_equal(shared.images[task0], other.images[task0])
+    assert (shared.images[~task0] != other.images[~task0]).any()
+    three = copy.deepcopy(data)
+    three.synthetic_bias.num_tasks = 3
+    with pytest.raises(ValueError, match="config.data.train_augment=.*vflip"):
+        sb.build(three)
 
 
 @pytest.mark.parametrize("key, value, match", [

@@ -23,7 +23,7 @@ def synthetic_config():
     c = biaspruner.default_config()
     c.data.name = "synthetic_bias"
     c.data.image_size = 24
-    # label-preserving for tasks 0 and 1 (vflip would swap task 2's triangles)
+    # label-preserving for tasks 0 and 1 (vflip would swap task 2's triangles: the data refuses)
     c.data.train_augment = "flip|vflip|translate(2)"
     s = c.data.synthetic_bias
     s.num_tasks = 2

@@ -140,6 +140,10 @@ def build(cfg) -> Dataset:
                          "jaxmed.data.synthetic_bias.default_config()")
     s = cfg.synthetic_bias
     size = int(cfg.image_size)
+    if int(s.num_tasks) > 2 and "vflip" in str(cfg.get("train_augment", "")):
+        raise ValueError(f"config.data.train_augment={cfg.train_augment!r} flips vertically, "
+                         "which swaps task 2's glyphs (tri_up / tri_down): drop 'vflip' or "
+                         f"keep config.data.synthetic_bias.num_tasks <= 2 (got {s.num_tasks})")
     splits = {
         "train": _source(s, s.num_train, size, s.bias_rate, 1, float(s.shape_noise)),
         "val": _source(s, s.num_val, size, s.bias_rate, 2, 0.0),

@@ -48,15 +48,15 @@ Decisions the paper leaves open:
     debiased one on its own: benchmarks/RESULTS.md), while the statistics every task stores
     anyway (step 6) tell the tasks apart.
   - Fine-tune weights (`continual.balance_groups`, our addition): exp(alpha * GCE) alone
-    gives the hard samples a total weight set by their count and alpha (with 81 of 3,000 hard
-    at alpha 4, 88% of the total): on the synthetic sequence the subnetwork memorised those
-    few images (test accuracy on conflicting images 0.21-0.81 by seed) or, with flips and
-    shifts, learnt the colour the other way round (aligned 0.62-0.85 < conflicting 0.97-0.99
-    on 3 of 4 seeds). Balancing
-    the two groups' totals, as JTT's upweighting does, leaves the colour uninformative in the
-    weighted training set whatever the counts; within each group exp(alpha * GCE) still ranks
-    the harder samples higher. Off by default (the paper's weighting); the synthetic
-    benchmark turns it on (measured: configs/biaspruner/benchmark.py).
+    gives the hard samples a total weight set by their count and alpha (81 of 3,000 hard at
+    alpha 4: 88% of the total). On the synthetic sequence the subnetwork then memorised those
+    few images instead of learning the true cue on 3 of 4 seeds (test accuracy on conflicting
+    images 0.21-0.81) or, with flips and shifts, learnt the colour the other way round
+    (aligned 0.62-0.85 < conflicting 0.97-0.99 on 3 of 4 seeds). Balancing the two groups'
+    totals, as JTT's upweighting does, leaves the colour uninformative in the weighted
+    training set whatever the counts; within each group exp(alpha * GCE) still ranks the
+    harder samples higher. Off by default (the paper's weighting); the synthetic benchmark
+    turns it on (measured: configs/biaspruner/benchmark.py).
   - The ablation 'magnitude' changes only the ranking (filter L1 norm, the lowest pruned): the
     GCE phase and the exp(alpha * GCE) fine-tuning weights stay, so the two differ in which
     units are removed and nothing else.
@@ -481,6 +481,7 @@ def finetune_weights(index, gce_loss, alpha: float, ones, t: int, aligned=None) 
     is empty)."""
     table = ones.copy()
     w = np.exp(alpha * np.asarray(gce_loss, np.float64))
+    aligned = None if aligned is None else np.asarray(aligned, bool)
     if aligned is not None and aligned.any() and (~aligned).any():
         w[~aligned] *= w[aligned].sum() / w[~aligned].sum()
     table[index] = w
