@@ -58,8 +58,8 @@ Decisions the paper leaves open:
     harder samples higher. Off by default (the paper's weighting); the synthetic benchmark
     turns it on (measured: configs/biaspruner/benchmark.py).
   - The ablation 'magnitude' changes only the ranking (filter L1 norm, the lowest pruned): the
-    GCE phase and the exp(alpha * GCE) fine-tuning weights stay, so the two differ in which
-    units are removed and nothing else.
+    GCE phase and the fine-tuning weights (exp(alpha * GCE), balanced or not) stay, so the
+    two differ in which units are removed and nothing else.
 """
 
 from __future__ import annotations
