@@ -481,9 +481,9 @@ def finetune_weights(index, gce_loss, alpha: float, ones, t: int, aligned=None) 
     is empty)."""
     table = ones.copy()
     w = np.exp(alpha * np.asarray(gce_loss, np.float64))
-    aligned = None if aligned is None else np.asarray(aligned, bool)
-    if aligned is not None and aligned.any() and (~aligned).any():
-        w[~aligned] *= w[aligned].sum() / w[~aligned].sum()
+    hard = None if aligned is None else ~np.asarray(aligned, bool)
+    if hard is not None and hard.any() and not hard.all():
+        w[hard] *= w[~hard].sum() / w[hard].sum()
     table[index] = w
     w = np.sort(table[index])[::-1]
     top = max(1, len(w) // 20)
