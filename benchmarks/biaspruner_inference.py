@@ -27,7 +27,8 @@ import numpy as np  # noqa: E402
 from benchmarks.common import device_name, print_table, write_json  # noqa: E402
 from benchmarks.torch_reference.train_step import build as torch_build  # noqa: E402
 from jaxmed.methods import biaspruner  # noqa: E402
-from jaxmed.methods.biaspruner import continual, subnetworks  # noqa: E402
+from jaxmed.methods.biaspruner import frame, subnetworks  # noqa: E402
+from jaxmed.methods.biaspruner.tasks import build_tasks  # noqa: E402
 from jaxmed.models.convert import convert_state_dict  # noqa: E402
 from jaxmed.pruning import structured  # noqa: E402
 
@@ -46,8 +47,8 @@ def jax_learner(num_tasks: int, size: int, dtype: str, torch_net, task_axis: str
     c.model.dtype = dtype
     c.continual.task_axis = task_axis
     c.continual.tasks = tuple((2 * t, 2 * t + 1) for t in range(num_tasks))
-    tasks, info = continual.build_tasks(c)
-    setup, state = subnetworks.init(continual.Env(c, tasks, info), "bias")
+    tasks, info = build_tasks(c)
+    setup, state = subnetworks.init(frame.TaskSequence(c, tasks, info), "bias")
     v = convert_state_dict({k: t.cpu() for k, t in torch_net.state_dict().items()}, "resnet18")
     backbone = dict(jax.device_get(v["params"]))
     backbone["fc"] = state.backbone["fc"]  # unused: heads live outside the model
@@ -110,7 +111,7 @@ def torch_infer(models, images_u8, batch, dtype, cmask):
             x = ((images_u8[i:i + batch].float() - mean) / std).contiguous(
                 memory_format=torch.channels_last)
             logits = torch.stack([m(x).float() for m in models], 1)  # [B, T, C]
-            logits = torch.where(cm[None], logits, torch.tensor(continual.NEG, device=dev))
+            logits = torch.where(cm[None], logits, torch.tensor(frame.NEG, device=dev))
             p = torch.softmax(logits, -1)
             ent = -(torch.where(cm[None], p * torch.log(p.clamp_min(1e-12)), 0.0)).sum(-1)
             ent = ent / torch.log(cm.sum(-1).clamp_min(2).float())[None]

@@ -13,7 +13,8 @@ import sys
 import ml_collections
 
 from jaxmed.methods import biaspruner
-from jaxmed.methods.biaspruner import continual
+from jaxmed.methods.biaspruner import frame
+from jaxmed.methods.biaspruner.tasks import build_tasks
 from jaxmed.train import comparison
 from jaxmed.train.checkpoint import Checkpointer
 
@@ -26,19 +27,19 @@ def main(workdir: str, methods: list[str]) -> None:
         sb.task_background = True
     if "task_selection" not in config.continual:  # ... and before task selection by BN
         config.continual.task_selection = "entropy"
-    tasks, info = continual.build_tasks(config)
+    tasks, info = build_tasks(config)
     for m in methods or list(config.continual.methods):
         for seed in config.continual.seeds:
             cfg = ml_collections.ConfigDict(config.to_dict())
             cfg.seed = int(seed)
-            env = continual.Env(cfg, tasks, info)
+            seq = frame.TaskSequence(cfg, tasks, info)
             method = biaspruner.METHODS[m]
-            setup, state = method.build(env)
+            setup, state = method.build(seq)
             store = Checkpointer(os.path.join(comparison.run_dir(workdir, m, seed), "tasks"),
                                  keep=0, async_save=False)
-            state, _ = store.restore(len(tasks), env.replicate(state))
+            state, _ = store.restore(len(tasks), seq.replicate(state))
             store.close()
-            evals = continual.evaluate(env, method, setup, state, len(tasks) - 1)
+            evals = frame.evaluate(seq, method, setup, state, len(tasks) - 1)
             cells = [" ".join(f"{k}={e.groups[k]:.2f}" for k in (
                 "acc_aligned", "acc_conflicting", "selection_aligned", "selection_conflicting"))
                 for e in evals]

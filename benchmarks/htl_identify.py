@@ -26,7 +26,7 @@ from benchmarks.common import device_name, print_table, time_call, write_json  #
 from jaxmed.data.pipeline import Preprocess, eval_batches  # noqa: E402
 from jaxmed.data.synthetic import SyntheticSource, SyntheticSpec  # noqa: E402
 from jaxmed.methods import htl  # noqa: E402
-from jaxmed.methods.htl import driver, identify, trainer  # noqa: E402
+from jaxmed.methods.htl import identify, step as htl_step  # noqa: E402
 from jaxmed.models import create_model  # noqa: E402
 from jaxmed.train import build, sharding, steps  # noqa: E402
 
@@ -50,9 +50,7 @@ def main():
     tx = build.make_optimizer(tcfg, 1000)
     v = jax.device_get(dict(jax.jit(lambda r, x: model.init(r, x))(
         jax.random.PRNGKey(0), jnp.zeros((1, a.size, a.size, 3)))))
-    state = trainer.HtlState.from_train_state(
-        build.create_state(v, tx, jax.random.PRNGKey(1), mesh), a.num_train)
-    state = jax.device_put(state, sharding.replicated(mesh))
+    state = build.create_state(v, tx, jax.random.PRNGKey(1), mesh, index_bound=a.num_train)
     src = SyntheticSource(SyntheticSpec(num_samples=a.num_train, image_size=a.size,
                                         with_mask=True, hard_rate=0.08))
     pre = Preprocess(a.size, 3)
@@ -60,9 +58,9 @@ def main():
                      eval_batches(src, global_batch=a.batch, preprocess=pre)][:a.num_train
                                                                                  // a.batch]
     eval_host = list(eval_batches(src, global_batch=a.eval_batch, preprocess=pre))
-    step = steps.jit_train_step(trainer.make_train_step(model, tx, task="segmentation"), mesh)
+    step = steps.jit_train_step(htl_step.make_train_step(model, tx, task="segmentation"), mesh)
     sparsities = tuple(float(s) for s in a.sparsities.split(","))
-    fn = driver.make_identify_fn(model, task="segmentation", mesh=mesh)
+    fn = identify.make_identify_fn(model, task="segmentation", mesh=mesh)
     holder = {"s": state}
 
     def epoch():
@@ -73,8 +71,8 @@ def main():
         return m["loss"]
 
     def ident():
-        out = driver.identify(fn, holder["s"].params, holder["s"].batch_stats, sparsities,
-                              iter(eval_host), mesh)
+        out = identify.identify_samples(fn, holder["s"].params, holder["s"].batch_stats,
+                                        sparsities, iter(eval_host), mesh)
         return out["score"]
 
     t_epoch = time_call(epoch, warmup=1, repeats=a.repeats, sync=jax.block_until_ready)

@@ -56,7 +56,7 @@ def step_time(name, args, slots, mesh, repeats):
     mem = init_memory(alg, hp, params=base.params, batch_stats=base.batch_stats,
                       num_slots=slots, num_unlabeled=slots - args.batch,
                       feature_dim=int(feats.shape[-1]))
-    state = jax.device_put(create_ssl_state(base, mem), sharding.replicated(mesh))
+    state = jax.device_put(create_ssl_state(base, mem, slots), sharding.replicated(mesh))
     jitted = steps.jit_train_step(make_ssl_step(model, tx, alg, hp), mesh)
     b = batch(args.batch, args.mu, args.size, slots)
     if not alg.unlabeled:

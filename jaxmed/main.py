@@ -9,7 +9,6 @@ join through `jax.distributed.initialize()`.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 import sys
@@ -17,16 +16,10 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxmed import methods
 from jaxmed.config_check import ConfigKeyError, check_keys, check_values
 
-METHODS = {
-    "supervised": "jaxmed.methods.supervised",
-    "prunecxr": "jaxmed.methods.prunecxr",
-    "biaspruner": "jaxmed.methods.biaspruner",
-    "tear": "jaxmed.methods.tear",
-    "fopro_kd": "jaxmed.methods.fopro_kd",
-    "htl": "jaxmed.methods.htl",
-}
+METHODS = methods.REGISTRY
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (file.py or file.py:arg).",
@@ -44,11 +37,10 @@ flags.DEFINE_integer("process_id", int(os.environ.get("JAXMED_PROCESS_ID", "0"))
 
 
 def method_module(config):
-    name = config.get("method")
-    if name not in METHODS:
-        raise ConfigKeyError(f"config.method={name!r} is not a jaxmed method; known: "
-                             f"{sorted(METHODS)}")
-    return importlib.import_module(METHODS[name])
+    try:
+        return methods.load(config.get("method"))
+    except KeyError as e:
+        raise ConfigKeyError(e.args[0]) from None
 
 
 def validate(config):
@@ -57,11 +49,10 @@ def validate(config):
     module = method_module(config)
     check_keys(config, module.default_config())
     check_values(config)
-    if hasattr(module, "check_config"):  # the method's own checks (tuples, ranges...)
-        try:
-            module.check_config(config)
-        except ValueError as e:
-            raise ConfigKeyError(str(e)) from None
+    try:  # the method's own checks (tuples, ranges...)
+        module.check_config(config)
+    except ValueError as e:
+        raise ConfigKeyError(str(e)) from None
     return module
 
 
@@ -107,7 +98,7 @@ def main(argv) -> None:
 
     try:
         module = validate(FLAGS.config)
-        harmless = tuple(getattr(module, "HARMLESS_KEYS", ()))
+        harmless = tuple(module.HARMLESS_KEYS)
         workdir_lib.check_config(FLAGS.config, FLAGS.workdir,
                                  allow_changed=FLAGS.allow_config_change, harmless=harmless)
     except (ConfigKeyError, workdir_lib.ConfigChangedError) as e:

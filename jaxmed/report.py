@@ -13,11 +13,13 @@ from matplotlib.figure import Figure
 
 
 def write_csv(path: str, header, rows) -> None:
+    """A CSV table, written atomically: a kill leaves the previous file or none."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with open(path + ".tmp", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
+    os.replace(path + ".tmp", path)
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, *, figsize=(6, 4), squeeze: bool = True, **kw):
@@ -34,5 +36,7 @@ def save_figure(fig: Figure, path: str, dpi: int = 120) -> None:
 
 
 def write_markdown(path: str, lines) -> None:
-    with open(path, "w") as f:
+    """Markdown lines, written atomically."""
+    with open(path + ".tmp", "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")
+    os.replace(path + ".tmp", path)

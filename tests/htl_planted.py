@@ -1,6 +1,7 @@
-"""A constructed set for the HTL identification driver: 1x4 grayscale images whose pixels are
-the features of a linear classifier with planted weights (as tests/test_htl_identify.py):
-pruning the weakest weights flips exactly the PLANTED samples' top-1 at a majority of levels."""
+"""A constructed set for HTL identification (`identify.identify_samples`): 1x4 grayscale
+images whose pixels are the features of a linear classifier with planted weights (as
+tests/test_htl_identify.py): pruning the weakest weights flips exactly the PLANTED samples'
+top-1 at a majority of levels."""
 
 import flax.linen as nn
 import jax.numpy as jnp

@@ -15,7 +15,9 @@ import pytest
 
 from jaxmed import metrics
 from jaxmed.methods import biaspruner
-from jaxmed.methods.biaspruner import baselines, continual, subnetworks
+from jaxmed.methods.biaspruner import baselines, frame, subnetworks
+from jaxmed.methods.biaspruner import run as bp_run
+from jaxmed.methods.biaspruner.tasks import build_tasks
 from jaxmed.models.common import sown
 from jaxmed.pruning import structured
 from tests.conftest import REPO, run_python
@@ -69,22 +71,22 @@ def test_entropy_selection_picks_the_confident_subnetwork():
         [flat, flat, sharp],             # sample 2: task 2 ...
         [flat, flat, sharp],             # sample 3: ... but only tasks 0, 1 are stored
     ])
-    logits = jnp.where(cmask[None], logits, continual.NEG)
+    logits = jnp.where(cmask[None], logits, frame.NEG)
     valid = jnp.array([True, True, True])
-    np.testing.assert_array_equal(continual.select_task(logits, cmask, valid)[:3], [1, 0, 2])
+    np.testing.assert_array_equal(frame.select_task(logits, cmask, valid)[:3], [1, 0, 2])
     only_two = jnp.array([True, True, False])
-    assert int(continual.select_task(logits, cmask, only_two)[3]) in (0, 1)
+    assert int(frame.select_task(logits, cmask, only_two)[3]) in (0, 1)
     # Normalisation by log(C_t): a uniform 3-class and a uniform 2-class prediction tie at 1.
-    ent = continual.normalized_entropy(jnp.where(cmask[None], 0.0, continual.NEG)[:1], cmask)
+    ent = frame.normalized_entropy(jnp.where(cmask[None], 0.0, frame.NEG)[:1], cmask)
     np.testing.assert_allclose(ent[0], [1.0, 1.0, 1.0], rtol=1e-6)
 
 
 # ------------------------------------------------------------------------- the learner
 @pytest.fixture(scope="module")
-def env():
+def seq():
     cfg = _config("quick", "tiny")
-    tasks, info = continual.build_tasks(cfg)
-    return continual.Env(cfg, tasks, info)
+    tasks, info = build_tasks(cfg)
+    return frame.TaskSequence(cfg, tasks, info)
 
 
 def _unit_layer(params, stats, x):
@@ -102,19 +104,19 @@ def _unit_layer(params, stats, x):
     return np.maximum(bn(np.asarray(conv(h, blk["conv1"]["kernel"])), blk["bn1"], bst["bn1"]), 0)
 
 
-def test_bias_scores_equal_numpy(env):
+def test_bias_scores_equal_numpy(seq):
     from jaxmed.data import augment
-    setup, state = subnetworks.init(env, "bias")
+    setup, state = subnetworks.init(seq, "bias")
     rng = np.random.default_rng(0)
     params = {"backbone": jax.tree.map(lambda v: v + 0.05 * rng.normal(size=v.shape).astype(
         v.dtype), state.backbone), "heads": state.heads}
     stats = jax.tree.map(lambda x: x[0], state.task_stats)
-    cmask = continual.class_mask(env.tasks, env.num_tasks, env.max_classes)
-    source = env.tasks[0].splits["train"]
-    scores = subnetworks.score_pass(env, setup, params, stats, 0, cmask, source)["scores"]
+    cmask = frame.class_mask(seq.tasks, seq.num_tasks, seq.max_classes)
+    source = seq.tasks[0].splits["train"]
+    scores = subnetworks.score_pass(seq, setup, params, stats, 0, cmask, source)["scores"]
 
     acts, correct = {}, []
-    for b in env.batches(source):
+    for b in seq.batches(source):
         keep = np.asarray(b["valid"], bool)
         x = augment.normalize(jnp.asarray(b["image"]))
         (_, feats), inter = setup.model.apply(
@@ -140,15 +142,15 @@ def test_bias_scores_equal_numpy(env):
         np.testing.assert_allclose(scores[k], want, rtol=1e-4, atol=1e-6)
 
 
-def test_bn_selection_scores_the_stem_input_under_each_tasks_statistics(env):
+def test_bn_selection_scores_the_stem_input_under_each_tasks_statistics(seq):
     """`task_selection='bn'`: each task's score is the Gaussian NLL of the stem convolution's
     output under that task's stored stem statistics (scipy oracle); the best-fitting task is
     chosen, whatever the entropies say."""
     from scipy import stats as st
 
     from jaxmed.data import augment
-    setup, state = subnetworks.init(env, "bias")
-    images = next(iter(env.batches(env.tasks[1].splits["test"])))["image"]
+    setup, state = subnetworks.init(seq, "bias")
+    images = next(iter(seq.batches(seq.tasks[1].splits["test"])))["image"]
     _, inter = setup.model.apply(
         {"params": state.backbone, "batch_stats": jax.tree.map(lambda x: x[0], state.task_stats)},
         augment.normalize(images), train=False, capture_intermediates=True,
@@ -160,7 +162,7 @@ def test_bn_selection_scores_the_stem_input_under_each_tasks_statistics(env):
         stem = state.task_stats["bn1"]
         for t, (m, v) in enumerate([off, fit] if fitting else [fit, off]):
             stem["mean"][t], stem["var"][t] = m, v
-        s = env.replicate(state)
+        s = seq.replicate(state)
         _, nll = subnetworks.all_logits(s, images, model=setup.model, task_axis="map",
                                         packnet=False)
         for t in range(2):
@@ -169,37 +171,37 @@ def test_bn_selection_scores_the_stem_input_under_each_tasks_statistics(env):
             want = -st.norm.logpdf(h, m, np.sqrt(v + 1e-5)).mean((1, 2, 3)) - 0.5 * np.log(
                 2 * np.pi)
             np.testing.assert_allclose(np.asarray(nll)[:, t], want, rtol=1e-4, atol=1e-4)
-        valid = env.replicate(np.ones(2, bool))
+        valid = seq.replicate(np.ones(2, bool))
         by_bn = subnetworks.predict_batch(s, {"image": images}, valid, model=setup.model,
                                           task_axis="map", packnet=False, by_bn=True)
         assert np.mean(np.asarray(by_bn["task"]) == fitting) > 0.9
-        np.testing.assert_array_equal(by_bn["task_entropy"], continual.select_task(
+        np.testing.assert_array_equal(by_bn["task_entropy"], frame.select_task(
             subnetworks.all_logits(s, images, model=setup.model, task_axis="map",
                                    packnet=False)[0], s.cmask, valid))
 
 
 @pytest.mark.parametrize("selection", ["bias", "packnet"])
-def test_earlier_tasks_are_bitwise_frozen(env, tmp_path, selection):
+def test_earlier_tasks_are_bitwise_frozen(seq, tmp_path, selection):
     from jaxmed.pruning.masks import apply_masks
-    setup, state = subnetworks.init(env, selection)
+    setup, state = subnetworks.init(seq, selection)
     programs = subnetworks.train_step._cache_size()
-    state = subnetworks.train_task(env, setup, state, 0, str(tmp_path / "t0"))
+    state = subnetworks.train_task(seq, setup, state, 0, str(tmp_path / "t0"))
     before = jax.tree.map(np.copy, subnetworks.subset(state.backbone,
                                                        subnetworks.is_shared_kernel))
     owner0 = jax.tree.map(lambda o: o == 0, state.owner)
     bn0, stats0 = jax.tree.map(lambda x: np.copy(x[0]), (state.task_bn, state.task_stats))
     head0 = np.asarray(state.heads["kernel"][0]).copy()
-    images = next(iter(env.batches(env.tasks[0].splits["test"])))["image"]
+    images = next(iter(seq.batches(seq.tasks[0].splits["test"])))["image"]
     packnet = selection == "packnet"
 
     def logits(s, axis="map"):
-        return np.asarray(subnetworks.all_logits(env.replicate(s), images, model=setup.model,
+        return np.asarray(subnetworks.all_logits(seq.replicate(s), images, model=setup.model,
                                                  task_axis=axis, packnet=packnet)[0])
 
     logits0 = logits(state)[:, 0]
     assert sum(int(np.sum(o)) for o in jax.tree.leaves(owner0)) > 0
 
-    state = subnetworks.train_task(env, setup, state, 1, str(tmp_path / "t1"))
+    state = subnetworks.train_task(seq, setup, state, 1, str(tmp_path / "t1"))
     after = subnetworks.subset(state.backbone, subnetworks.is_shared_kernel)
     changed_free = []
 
@@ -225,7 +227,7 @@ def test_earlier_tasks_are_bitwise_frozen(env, tmp_path, selection):
         # masked forward pass.
         from jaxmed.data import augment
         x = augment.normalize(jnp.asarray(images))
-        cmask = continual.class_mask(env.tasks, env.num_tasks, env.max_classes)
+        cmask = frame.class_mask(seq.tasks, seq.num_tasks, seq.max_classes)
         for t in (0, 1):
             at = lambda tree: jax.tree.map(lambda v: v[t], tree)  # noqa: E731
             p = apply_masks(subnetworks.with_bn(state.backbone, at(state.task_bn)),
@@ -242,11 +244,11 @@ def test_earlier_tasks_are_bitwise_frozen(env, tmp_path, selection):
 
 
 @pytest.mark.parametrize("kind", ["ewc", "lwf"])
-def test_shared_baselines_compile_each_step_once(env, tmp_path, kind):
-    setup, state = baselines.init(env, kind)
+def test_shared_baselines_compile_each_step_once(seq, tmp_path, kind):
+    setup, state = baselines.init(seq, kind)
     programs = baselines.train_step._cache_size()
-    for t in range(env.num_tasks):
-        state = baselines.train_task(env, setup, state, t, str(tmp_path / f"t{t}"))
+    for t in range(seq.num_tasks):
+        state = baselines.train_task(seq, setup, state, t, str(tmp_path / f"t{t}"))
     assert baselines.train_step._cache_size() - programs == 1
     if kind == "ewc":
         assert sum(float(np.sum(f)) for f in jax.tree.leaves(state.fisher)) > 0
@@ -271,32 +273,48 @@ def test_channel_ownership_rule():
 def test_comparison_end_to_end(tmp_path):
     cfg = _config("quick", "tiny")
     methods = ("biaspruner", "packnet", "finetune", "joint", "ewc", "lwf", "lff")
+    cfg.continual.methods = methods[:-1]
+    first = biaspruner.train_and_evaluate(cfg, str(tmp_path))
+    run = tmp_path / "runs" / "biaspruner" / "seed_0"
+    saved = run / "tasks" / "2"  # orbax: the state after task 1
+    stamp = os.path.getmtime(saved)
+    # A method added to a finished comparison runs alone; the finished runs are read back.
     cfg.continual.methods = methods
     result = biaspruner.train_and_evaluate(cfg, str(tmp_path))
+    assert os.path.getmtime(saved) == stamp
+    assert result["biaspruner/test/acc"] == pytest.approx(first["biaspruner/test/acc"])
     for m in methods:
-        assert 0 <= result[f"{m}/acc"] <= 1 and f"{m}/eodd" in result
+        acc, aligned, conflicting = (result[f"{m}/test/{k}"]
+                                     for k in ("acc", "acc_aligned", "acc_conflicting"))
+        assert 0 <= acc <= 1 and f"{m}/test/eodd" in result
         # the unbiased test set is half bias-aligned, half conflicting: acc is their mix
-        assert min(result[f"{m}/acc_aligned"], result[f"{m}/acc_conflicting"]) - 1e-9 <= \
-            result[f"{m}/acc"] <= max(result[f"{m}/acc_aligned"],
-                                      result[f"{m}/acc_conflicting"]) + 1e-9
+        assert min(aligned, conflicting) - 1e-9 <= acc <= max(aligned, conflicting) + 1e-9
     d = tmp_path / "report"
     for name in ("report.md", "comparison.csv", "runs.csv", "fairness.csv", "subnetworks.csv",
                  "accuracy_matrices.png", "acc_vs_eodd.png", "aligned_vs_conflicting.png",
                  "acc_by_method.png"):
         assert (d / name).stat().st_size > 0, name
-    assert "- vs finetune: final ACC" in (d / "report.md").read_text()
+    md = (d / "report.md").read_text()
+    assert "- vs finetune: final ACC" in md and "lff" in md
     header = (d / "comparison.csv").read_text().splitlines()[0].split(",")
-    assert header[:4] == ["method", "seeds", "acc", "acc_std"]  # the comparison contract
-    assert "one seed: no verdict" in (d / "report.md").read_text()
-    run = tmp_path / "runs" / "biaspruner" / "seed_0"
-    res = json.load(open(run / "results.json"))
-    assert np.isnan(res["agnostic"][0][1])  # task 1 not evaluated before it is learned
-    # A re-run reads every finished run back instead of retraining it.
-    saved = run / "tasks" / "2"  # orbax: the state after task 1
-    stamp = os.path.getmtime(saved)
-    again = biaspruner.train_and_evaluate(cfg, str(tmp_path))
-    assert os.path.getmtime(saved) == stamp
-    assert again["biaspruner/acc"] == pytest.approx(result["biaspruner/acc"])
+    assert header[:4] == ["method", "seeds", "test/acc", "test/acc_std"]  # the contract
+    vs = [x for x in md.splitlines() if x.startswith("- vs ")]
+    assert len(vs) == 6 and all(x.count(": too few seeds") == 3 for x in vs)  # one seed
+    res = bp_run.load_result(str(run))
+    agnostic = res["details"]["agnostic"]
+    assert np.isnan(agnostic[0, 1])  # task 1 not evaluated before it is learned
+    assert res["test/acc"] == pytest.approx(agnostic[1].mean())
+    # The sub-run's own metrics.jsonl: each task's accuracy at step = tasks trained so far,
+    # the summary after the last; nothing at invented steps in the comparison's workdir.
+    steps = {}
+    for line in open(run / "metrics.jsonl"):
+        row = json.loads(line)
+        steps.setdefault(row.pop("step"), {}).update(row)
+    assert sorted(steps) == [1, 2] and set(steps[1]) == {"test/acc_task0"}
+    assert steps[1]["test/acc_task0"] == pytest.approx(agnostic[0, 0])
+    assert steps[2]["test/acc_task1"] == pytest.approx(agnostic[1, 1])
+    assert steps[2]["test/acc"] == pytest.approx(res["test/acc"])
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_unknown_sensitive_attribute_fails_naming_the_key(tmp_path):
@@ -311,33 +329,39 @@ def test_unknown_sensitive_attribute_fails_naming_the_key(tmp_path):
 
 
 def test_report_verdicts_weigh_the_spread_over_seeds():
-    """Means and standard errors against numpy; a lead within two standard errors of the
-    difference is no verdict, one beyond is; one seed never gives one."""
-    from jaxmed.methods.biaspruner import report as continual_report
+    """Means and standard errors against numpy; every verdict is `comparison.verdict`'s: a lead
+    within two standard errors of the difference is within noise, one beyond is better, and
+    fewer than three seeds give none."""
+    from jaxmed.methods.biaspruner import report
 
-    def runs(accs, eodds, sel=0.9):
-        return [{"summary": {"acc": a, "acc_conflicting": a - 0.1, "eodd": e,
-                             "task_selection": sel}} for a, e in zip(accs, eodds)]
+    def runs(accs, eodds, sels=(0.9, 0.9, 0.9)):
+        return [{"test/acc": a, "test/acc_conflicting": a - 0.1, "test/eodd": e,
+                 "test/task_selection": sel} for a, e, sel in zip(accs, eodds, sels)]
 
-    details = {"biaspruner": runs([0.80, 0.82, 0.84], [0.20, 0.25, 0.30]),
+    results = {"biaspruner": runs([0.80, 0.82, 0.84], [0.20, 0.25, 0.30]),
                "finetune": runs([0.55, 0.70, 0.85], [1.0, 1.2, 1.4]),   # noisy: within 2 SE
                "packnet": runs([0.70, 0.71, 0.72], [0.9, 1.0, 1.1])}    # tight: beaten
-    summary = continual_report.summarize(details)
-    assert summary["biaspruner"]["acc"] == pytest.approx(0.82)
-    assert summary["finetune"]["acc_se"] == pytest.approx(np.std([.55, .7, .85], ddof=1) / 3**.5)
-    lines = continual_report.verdicts(summary, num_tasks=2)
+    summary = report.summarize(results)
+    assert summary["biaspruner"]["test/acc"] == pytest.approx(0.82)
+    assert summary["finetune"]["test/acc_se"] == pytest.approx(
+        np.std([.55, .7, .85], ddof=1) / 3**.5)
+    lines = report.verdicts(summary, num_tasks=2)
     ft = next(x for x in lines if x.startswith("- vs finetune"))
     pn = next(x for x in lines if x.startswith("- vs packnet"))
     # finetune: gap 0.12 < 2 hypot(0.012, 0.087) = 0.175; packnet: 0.11 > 2 hypot(0.012, 0.006)
-    assert "final ACC 0.820 ± 0.012 vs 0.700 ± 0.087: not significant" in ft
-    assert "final ACC 0.820 ± 0.012 vs 0.710 ± 0.006: better (> 2 SE)" in pn
-    assert "EOdd 0.250 ± 0.029 vs 1.200 ± 0.115: better (> 2 SE)" in ft
+    assert "final ACC 0.820 ± 0.012 vs 0.700 ± 0.087: within noise" in ft
+    assert "final ACC 0.820 ± 0.012 vs 0.710 ± 0.006: better" in pn
+    assert "EOdd 0.250 ± 0.029 vs 1.200 ± 0.115: better" in ft  # lower is better
     assert "EOdd, lowest first (continual methods, joint excluded): biaspruner" in lines[-2]
-    assert "task selection 0.900 ± 0.000 (chance 0.50): above chance by > 2 SE" in lines[-1]
-    one = continual_report.summarize({"biaspruner": runs([0.9], [0.1]),
-                                      "finetune": runs([0.1], [2.0])})
-    assert all("one seed: no verdict" in x for x in continual_report.verdicts(one, 2)
+    assert "task selection 0.900 ± 0.000 (chance 0.50): above chance" in lines[-1]
+    noisy = report.summarize({"biaspruner": runs([0.8] * 3, [0.2] * 3, (0.3, 0.9, 0.6))})
+    assert "(chance 0.50): not above chance" in report.verdicts(noisy, 2)[-1]
+    two = report.summarize({"biaspruner": runs([0.9, 0.91], [0.1, 0.11]),
+                            "finetune": runs([0.1, 0.11], [2.0, 2.1])})
+    assert all(x.count("too few seeds") == 3 for x in report.verdicts(two, 2)
                if x.startswith("- vs"))
+    assert report.verdicts(two, 2)[-1].endswith(
+        "(chance 0.50): too few seeds (the mean beyond 2 SE above chance, >= 3 seeds)")
 
 
 def test_tasks_from_reference_split_files(shared_dir, tmp_path):
@@ -356,7 +380,7 @@ def test_tasks_from_reference_split_files(shared_dir, tmp_path):
     cfg = _config("fitzpatrick")
     cfg.data.root = str(tmp_path / "img")
     cfg.continual.task_split_files = tuple(files)
-    tasks, info = continual.build_tasks(cfg)
+    tasks, info = build_tasks(cfg)
     assert [t.class_ids for t in tasks] == [[0, 1], [0, 1]]  # same classes: shared ids
     rec = tasks[1].splits["test"][0]
     assert rec["attrs"]["task"] == 1 and "skin_group" in rec["attrs"]
@@ -395,13 +419,13 @@ def _colour_images(n_red: int, n_green: int, size: int, rng):
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def test_biaspruner_prunes_the_units_that_fire_on_bias_aligned_samples(env):
+def test_biaspruner_prunes_the_units_that_fire_on_bias_aligned_samples(seq):
     """A hand-built ResNet-8 whose prediction follows a shortcut (red -> class 0): red images
     of class 0 are bias-aligned (right), green ones conflicting (wrong). Planted units fire
     only on red, 'anti' units only on green, the rest never. The jitted scoring pass on the
     model's own split, then the ranking, must remove exactly the planted units."""
-    from jaxmed.data.sources import ArraySource
-    setup, state = subnetworks.init(env, "bias")
+    from jaxmed.data.sources import ArraySource, TaskSource
+    setup, state = subnetworks.init(seq, "bias")
     flat = subnetworks._flat(jax.tree.map(np.zeros_like, state.backbone))
     for k in flat:  # BN: identity (scale 1, bias 0; init statistics mean 0, var 1)
         if k.endswith("scale"):
@@ -422,11 +446,11 @@ def test_biaspruner_prunes_the_units_that_fire_on_bias_aligned_samples(env):
     heads["kernel"][0, :, 0] = 50.0  # class 0 iff the pooled red channel > 0.02
     heads["bias"][0, 0] = -1.0
     rng = np.random.default_rng(0)
-    images = _colour_images(24, 8, env.image_shape[0], rng)
-    source = continual.TaskSource(ArraySource(images, np.zeros(32, np.int64)), 0, {0: 0})
+    images = _colour_images(24, 8, seq.image_shape[0], rng)
+    source = TaskSource(ArraySource(images, np.zeros(32, np.int64)), 0, {0: 0})
     stats = jax.tree.map(lambda x: x[0], state.task_stats)
-    scored = subnetworks.score_pass(env, setup, {"backbone": backbone, "heads": heads}, stats,
-                                    0, env.cmask, source)
+    scored = subnetworks.score_pass(seq, setup, {"backbone": backbone, "heads": heads}, stats,
+                                    0, seq.cmask, source)
     np.testing.assert_array_equal(scored["correct"], np.arange(32) < 24)  # red: aligned
     assert scored["counts"] == (24, 8)
     n_planted = sum(len(c) for c in planted.values())
@@ -448,28 +472,28 @@ def test_gce_model_finds_the_bias_conflicting_samples(tmp_path):
     s.shape_noise, cfg.data.train_augment = 0.0, ""  # the setting this was written for
     cfg.continual.tasks = ((0, 1),)
     cfg.continual.biased_epochs = 4
-    tasks, info = continual.build_tasks(cfg)
-    env1 = continual.Env(cfg, tasks, info)
-    setup, state = subnetworks.init(env1, "bias")
+    tasks, info = build_tasks(cfg)
+    seq1 = frame.TaskSequence(cfg, tasks, info)
+    setup, state = subnetworks.init(seq1, "bias")
     s0 = jax.device_get(state)
     params = {"backbone": subnetworks.with_bn(s0.backbone, jax.tree.map(lambda x: x[0],
                                                                         s0.task_bn)),
               "heads": s0.heads}
     stats = jax.tree.map(lambda x: x[0], s0.task_stats)
     source = tasks[0].splits["train"]
-    ones = np.ones(env1.index_bound, np.float32)
+    ones = np.ones(seq1.index_bound, np.float32)
     everything = jax.tree.map(lambda x: np.ones(np.shape(x), bool), params["backbone"])
-    phase = env1.replicate(subnetworks.Phase(
+    phase = seq1.replicate(subnetworks.Phase(
         subnetworks.trainable_masks(params["backbone"], s0.owner, subnetworks.FREE, 0, 1),
         everything, ones, np.int32(0), s0.cmask))
     step = functools.partial(subnetworks.train_step, phase=phase, model=setup.model,
-                             tx=setup.tx, gce_q=setup.gce_q, mesh=env1.mesh)
-    ts = continual.run_phase(env1, str(tmp_path / "gce"),
-                             continual.state_from(params, stats, setup.tx,
+                             tx=setup.tx, gce_q=setup.gce_q, mesh=seq1.mesh)
+    ts = frame.run_phase(seq1, str(tmp_path / "gce"),
+                             frame.state_from(params, stats, setup.tx,
                                                   jax.random.PRNGKey(0)),
                              step, source, 4, 0)
     params, stats = jax.device_get((ts.params, ts.batch_stats))
-    scored = subnetworks.score_pass(env1, setup, params, stats, 0, s0.cmask, source)
+    scored = subnetworks.score_pass(seq1, setup, params, stats, 0, s0.cmask, source)
     conflicting = np.array([source[i]["attrs"]["aligned"] == 0 for i in range(len(source))])
     found = ~scored["correct"][np.argsort(scored["index"])]
     assert conflicting.sum() > 20
@@ -580,15 +604,15 @@ def test_balanced_finetune_weights_give_both_gce_groups_the_same_total():
         np.testing.assert_allclose(same, plain, rtol=1e-6)
 
 
-def test_config_reaches_the_weighting_and_the_images(env):
+def test_config_reaches_the_weighting_and_the_images(seq):
     """The synthetic configs' balance_groups reaches BiasPruner's setup (and its ablation's),
     shared_colours the generated images; vflip with a third task (triangles) is refused."""
     from jaxmed.data import synthetic_bias as sb
 
-    assert env.config.continual.balance_groups
-    assert subnetworks.init(env, "bias")[0].balance
-    assert subnetworks.init(env, "magnitude")[0].balance
-    data = env.config.data
+    assert seq.config.continual.balance_groups
+    assert subnetworks.init(seq, "bias")[0].balance_groups
+    assert subnetworks.init(seq, "magnitude")[0].balance_groups
+    data = seq.config.data
     shared = sb.build(data).splits["test"]
     own = copy.deepcopy(data)
     own.synthetic_bias.shared_colours = False

@@ -1,10 +1,10 @@
-"""FoPro-KD's trainer, teachers, data and report: the teacher stays bitwise frozen and out of the
+"""FoPro-KD's steps, teachers, data and report: the teacher stays bitwise frozen and out of the
 optimizer state and checkpoint, every method compiles once, teachers load from a jaxmed workdir
 and a PyTorch file, Hyper-Kvasir and the ISIC 2019 long-tailed splits read right, head / medium
-/ tail accuracy matches a numpy reference, and the :tiny comparison writes its table."""
+/ tail accuracy matches a numpy reference, and the :tiny comparison writes its table and runs
+only a new method's sub-run when one is added."""
 
 import csv
-import json
 import os
 
 import jax
@@ -17,8 +17,8 @@ from jaxmed import fourier, losses, metrics
 from jaxmed.config_check import sibling
 from jaxmed.data.datasets.tables import DataFormatError
 from jaxmed.methods import fopro_kd
-from jaxmed.methods.fopro_kd import objectives, runs, teachers, trainer
-from jaxmed.train import sharding
+from jaxmed.methods.fopro_kd import objectives, run, step, teachers
+from jaxmed.train import comparison, sharding
 from jaxmed.train.checkpoint import Checkpointer
 from tests.conftest import REPO
 from tests.data_helpers import write_image
@@ -64,8 +64,8 @@ def test_teacher_from_workdir_is_the_trained_model(env):
 def test_teacher_frozen_one_compile_and_only_student_and_prompt_saved(env, tmp_path):
     batches = _batches(env, 3)
     for method in ("ldam_drw", "hinton_kd", "ekd_fpg_adv"):  # student only, logits, prompt
-        built = runs.build_method(env["config"], method, 0, env["ds"], env["teacher"],
-                                  env["mesh"])
+        built = run.build_method(env["config"], method, 0, env["ds"], env["teacher"],
+                                 env["mesh"])
         teacher = built.teacher
         if built.setup.teacher_logits == "probe":  # (not here: the teacher has the 4 classes)
             teacher = {**teacher, "probe": objectives.init_probe(16, 4)}
@@ -81,7 +81,7 @@ def test_teacher_frozen_one_compile_and_only_student_and_prompt_saved(env, tmp_p
         moved = [not np.array_equal(a, b) for a, b in zip(
             jax.tree.leaves(student0), jax.tree.leaves(jax.device_get(state.params["student"])))]
         assert any(moved), method
-        want = {"student", "prompt"} if method in trainer.PROMPTED else {"student"}
+        want = {"student", "prompt"} if method in step.PROMPTED else {"student"}
         assert set(state.params) == want
         assert set(state.opt_state) == ({"student", "prompt"} if method == "ekd_fpg_adv"
                                         else {"student"})
@@ -109,13 +109,13 @@ def test_ekd_step_loss_is_the_reference_ekd_loss():
     t = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
     labels = jnp.asarray([0, 2, 1, 0, 0])
     counts = np.array([30, 5, 2])
-    setup = trainer.Setup("ekd", None, None, None, counts, w_kd=3.0)
-    per, _ = trainer.per_sample_loss(setup, out, labels, 0, t_feats=t)
+    setup = step.Setup("ekd", None, None, None, counts, w_kd=3.0)
+    per, _ = step.per_sample_loss(setup, out, labels, 0, t_feats=t)
     ref, _ = objectives.ekd_loss(out, labels, t, counts, w_kd=3.0)
     np.testing.assert_allclose(float(jnp.mean(per)), float(ref), rtol=1e-6)
     # feature KD differs only in the KD term: L2 instead of 2 - 2 cos
-    fk, _ = trainer.per_sample_loss(trainer.Setup("feature_kd", None, None, None, counts,
-                                                  w_feature=2.0), out, labels, 0, t_feats=t)
+    fk, _ = step.per_sample_loss(step.Setup("feature_kd", None, None, None, counts,
+                                            w_feature=2.0), out, labels, 0, t_feats=t)
     diff = np.asarray(fk - per)
     np.testing.assert_allclose(diff, 2.0 * np.mean((np.asarray(out["proj"]) - np.asarray(t))
                                                    ** 2, -1) - 3.0 * np.asarray(
@@ -137,7 +137,7 @@ def test_teacher_from_torch_file_matches_torch(tmp_path):
         for i in range(4):
             h = getattr(net, f"layer{i + 1}")(h)
         want = h.mean((2, 3)).numpy()
-    _, got = trainer.teacher_outputs(teacher.model, 32, teacher.variables, jnp.asarray(x))
+    _, got = step.teacher_outputs(teacher.model, 32, teacher.variables, jnp.asarray(x))
     assert teacher.feature_dim == 512
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="teacher_model"):
@@ -259,7 +259,7 @@ def test_bad_config_names_the_key():
         fopro_kd.check_config(c)
 
 
-def test_tiny_comparison_writes_the_report(env):
+def test_tiny_comparison_writes_the_report(env, monkeypatch):
     config = tiny_config(methods=("balanced_softmax", "ekd_fpg"))
     result = fopro_kd.train_and_evaluate(config, env["workdir"])
     report = os.path.join(env["workdir"], "report")
@@ -274,11 +274,29 @@ def test_tiny_comparison_writes_the_report(env):
     for f in ("summary.md", "per_class_recall.png", "prompt_examples.png",
               "teacher_frequency.png", "teacher_frequency.csv"):
         assert os.path.getsize(os.path.join(report, f)) > 100, f
+    # per-class recall keyed by class name; its mean over a group is that group's accuracy
+    names, counts = env["ds"].info.class_names, env["ds"].info.class_counts
+    run0 = comparison.read_result(comparison.run_dir(env["workdir"], "balanced_softmax", 0))
+    recall = np.array([run0[f"test/recall/{n}"] for n in names])
+    tail = metrics.class_groups(counts) == 2
+    assert run0["test/tail_acc"] == pytest.approx(np.nanmean(recall[tail]))
     summary = open(os.path.join(report, "summary.md")).read()
-    with open(os.path.join(env["teacher"].source, "result.json")) as f:
-        t_acc = json.load(f)["test/accuracy"]
+    t_acc = comparison.read_result(env["teacher"].source)["test/accuracy"]
     assert f"test accuracy {t_acc:.3f}." in summary  # the teacher stage's own test accuracy
-    assert "- ekd_fpg does not beat" in summary and "fewer than 2 seeds (1 vs 1)" in summary
+    assert "- ekd_fpg vs balanced_softmax on test/tail_acc:" in summary
+    assert "1 / 1 seeds): too few seeds" in summary and "fewer than 3 seeds (1 vs 1)" in summary
+
+    # adding a method to the finished comparison runs only its sub-run
+    ran = []
+    run_one = run.run_one
+    monkeypatch.setattr(run, "run_one", lambda m, s, *a, **k: ran.append(m) or run_one(
+        m, s, *a, **k))
+    config = tiny_config(methods=("balanced_softmax", "ekd_fpg", "ekd"))
+    result = fopro_kd.train_and_evaluate(config, env["workdir"])
+    assert ran == ["ekd"]
+    rows = list(csv.DictReader(open(os.path.join(report, "comparison.csv"))))
+    assert [r["method"] for r in rows] == ["balanced_softmax", "ekd_fpg", "ekd"]
+    assert result["ekd/test/tail_acc"] == pytest.approx(float(rows[2]["test/tail_acc"]), abs=1e-5)
 
 
 def test_verdict_lines_say_why_not_with_the_figures():
@@ -286,27 +304,48 @@ def test_verdict_lines_say_why_not_with_the_figures():
 
     from jaxmed.methods.fopro_kd import report
 
-    def row(tail, std):
-        return {"seeds": 3, "test/tail_acc": tail, "test/tail_acc_std": std}
+    def row(tail, std, seeds=3):
+        return {"seeds": seeds, "test/tail_acc": tail, "test/tail_acc_std": std}
 
     summary = {"balanced_softmax": row(0.30, 0.05), "ekd": row(0.50, 0.10),
-               "ekd_fpg": row(0.38, 0.10), "hinton_kd": row(0.20, 0.01)}
+               "ekd_fpg": row(0.38, 0.10), "hinton_kd": row(0.20, 0.01),
+               "feature_kd": row(0.60, 0.01, seeds=2)}
     # tail = the third of the classes with the fewest training images: c1 (5) and c5 (2)
     info = SimpleNamespace(class_counts=np.array([50, 5, 20, 9, 30, 2]),
                            class_names=[f"c{i}" for i in range(6)])
     lines = report.verdict_lines(summary, tiny_config(), info, 0.912)
+    why = "; teacher test acc 0.912; tail training counts: c1 5, c5 2"
+    # 2 SE of the difference: 2 sqrt(sd_a^2 / 3 + sd_b^2 / 3)
     assert lines == [
-        "- ekd beats balanced_softmax: gap +0.200, seed spread 0.100",
-        "- ekd_fpg does not beat (beyond the spread) balanced_softmax: gap +0.080, seed spread "
-        "0.100",
-        "  - why not: gap +0.080 within the seed spread 0.100; tail acc ekd_fpg 0.380 ± 0.100, "
-        "balanced_softmax 0.300 ± 0.050 over 3 / 3 seeds; teacher test acc 0.912; tail "
-        "training counts: c1 5, c5 2",
-        "- hinton_kd does not beat (beyond the spread) balanced_softmax: gap -0.100, seed spread "
-        "0.050",
-        "  - why not: tail accuracy not higher (0.200 vs 0.300); tail acc hinton_kd 0.200 ± "
-        "0.010, balanced_softmax 0.300 ± 0.050 over 3 / 3 seeds; teacher test acc 0.912; tail "
-        "training counts: c1 5, c5 2"]
+        "- ekd vs balanced_softmax on test/tail_acc: 0.500 ± 0.100 vs 0.300 ± 0.050 (gap "
+        "+0.200, 2 SE 0.129, 3 / 3 seeds): better",
+        "- ekd_fpg vs balanced_softmax on test/tail_acc: 0.380 ± 0.100 vs 0.300 ± 0.050 (gap "
+        "+0.080, 2 SE 0.129, 3 / 3 seeds): within noise",
+        "  - why not: gap +0.080 within 2 standard errors of the difference; tail acc ekd_fpg "
+        "0.380 ± 0.100, balanced_softmax 0.300 ± 0.050 over 3 / 3 seeds" + why,
+        "- hinton_kd vs balanced_softmax on test/tail_acc: 0.200 ± 0.010 vs 0.300 ± 0.050 (gap "
+        "-0.100, 2 SE 0.059, 3 / 3 seeds): worse",
+        "  - why not: tail accuracy lower (0.200 vs 0.300) beyond 2 standard errors; tail acc "
+        "hinton_kd 0.200 ± 0.010, balanced_softmax 0.300 ± 0.050 over 3 / 3 seeds" + why,
+        "- feature_kd vs balanced_softmax on test/tail_acc: 0.600 ± 0.010 vs 0.300 ± 0.050 (gap "
+        "+0.300, 2 SE 0.059, 2 / 3 seeds): too few seeds",
+        "  - why not: fewer than 3 seeds (2 vs 3); tail acc feature_kd 0.600 ± 0.010, "
+        "balanced_softmax 0.300 ± 0.050 over 2 / 3 seeds" + why]
+
+
+def test_setup_from_config_takes_the_kd_keys_by_name():
+    kd = tiny_config(w_kd=1.5, temperature=2.0, ldam_scale=7.0, cb_beta=0.99, la_tau=0.3,
+                     drw_start=0.5, kd_class_weights=True).kd
+    setup = step.Setup.from_config(kd, method="ekd", model=None, heads=None, tx=None,
+                                   class_counts=np.array([3, 1]), drw_start=40,
+                                   kd_class_weights=np.array([0.5, 1.5]))
+    assert (setup.w_kd, setup.temperature, setup.ldam_scale, setup.cb_beta, setup.la_tau) == (
+        1.5, 2.0, 7.0, 0.99, 0.3)
+    assert setup.drw_start == 40 and list(setup.kd_class_weights) == [0.5, 1.5]
+    assert setup.teacher_net is None  # not config.kd.teacher_model (an architecture name)
+    with pytest.raises(TypeError, match="drw_start"):
+        step.Setup.from_config(kd, method="ekd", model=None, heads=None, tx=None,
+                               class_counts=np.array([3, 1]), kd_class_weights=None)
 
 
 def test_student_losses_take_the_setups_hyperparameters():
@@ -318,7 +357,7 @@ def test_student_losses_take_the_setups_hyperparameters():
     logits = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
     labels = jnp.asarray([0, 1, 2, 3, 0, 2])
     counts = np.array([50, 20, 5, 2])
-    kw = {f.name: None for f in dataclasses.fields(trainer.Setup)}
+    kw = {f.name: None for f in dataclasses.fields(step.Setup)}
     kw.update(class_counts=tuple(counts), cb_beta=0.99, la_tau=0.5, focal_gamma=1.5)
     want = {"ce": losses.cross_entropy(logits, labels),
             "focal": losses.focal(logits, labels, 1.5),
@@ -326,6 +365,6 @@ def test_student_losses_take_the_setups_hyperparameters():
             "logit_adjusted": losses.logit_adjusted(logits, labels, counts, 0.5),
             "balanced_softmax": losses.balanced_softmax(logits, labels, counts)}
     for method, ref in want.items():
-        setup = trainer.Setup(**{**kw, "method": method})
-        _, parts = trainer.per_sample_loss(setup, {"logits": logits}, labels, 0)
+        setup = step.Setup(**{**kw, "method": method})
+        _, parts = step.per_sample_loss(setup, {"logits": logits}, labels, 0)
         np.testing.assert_allclose(parts["loss_sup"], ref, rtol=1e-6, err_msg=method)

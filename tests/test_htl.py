@@ -1,7 +1,7 @@
-"""HTL trainer: oversampling counts, checkpointable weighted streams, one compile per step,
-the identification driver on a planted set (1 and 8 devices), the synthetic hard
-sub-population, the isic2018_seg adapter, a :tiny comparison end to end, and :tiny_ssl (HTL
-among unlabeled samples on TEAR's step) end to end."""
+"""HTL steps and runs: oversampling counts, checkpointable weighted streams, one compile per
+step, the identification hook, identification over a planted set (1 and 8 devices), the
+synthetic hard sub-population, the isic2018_seg adapter, a :tiny comparison end to end, and
+:tiny_ssl (HTL among unlabeled samples on TEAR's step) end to end."""
 
 import csv
 import importlib.util
@@ -23,7 +23,8 @@ from jaxmed.data.pipeline import (Preprocess, eval_batches, train_stream, weight
 from jaxmed.data.sources import ArraySource
 from jaxmed.data.synthetic import SyntheticSource, SyntheticSpec
 from jaxmed.methods import htl
-from jaxmed.methods.htl import driver, trainer
+from jaxmed.methods.htl import attention, identify
+from jaxmed.methods.htl import step as htl_step
 from jaxmed.models import create_model
 from jaxmed.train import build, sharding, steps
 from jaxmed.train.checkpoint import Checkpointer
@@ -123,10 +124,9 @@ def tiny_unet():
     cfg = htl.default_config().train
     tx = build.make_optimizer(cfg, 100)
     v = jax.jit(lambda r, x: model.init(r, x))(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
-    state = trainer.HtlState.from_train_state(
-        build.create_state(jax.device_get(dict(v)), tx, jax.random.PRNGKey(1), mesh), 24)
-    state = jax.device_put(state, sharding.replicated(mesh))
-    step = steps.jit_train_step(trainer.make_train_step(model, tx, task="segmentation"), mesh)
+    state = build.create_state(jax.device_get(dict(v)), tx, jax.random.PRNGKey(1), mesh,
+                               index_bound=24)
+    step = steps.jit_train_step(htl_step.make_train_step(model, tx, task="segmentation"), mesh)
     spec = SyntheticSpec(num_samples=24, image_size=16, with_mask=True, hard_rate=0.3)
     src = SyntheticSource(spec)
     batch = next(eval_batches(src, global_batch=8, preprocess=Preprocess(16, 3)))
@@ -145,7 +145,7 @@ def test_weighted_loss_and_one_compile_per_step(tiny_unet):
     # oracle: the per-sample Dice + BCE of the same train-mode forward, weighted by hand
     logits, _ = steps.forward(model, jax.device_get(state.variables),
                               augment.normalize(batch["image"]), train=True)
-    per = np.asarray(losses.dice_bce(logits, trainer.target_masks(batch["mask"])))
+    per = np.asarray(losses.dice_bce(logits, htl_step.target_masks(batch["mask"])))
     assert float(mw["loss"]) == pytest.approx((per.sum() + 4 * per[2]) / 8, rel=1e-5)
     assert float(mw["attended"]) == pytest.approx(1 / 8)
     for _ in range(3):
@@ -155,7 +155,7 @@ def test_weighted_loss_and_one_compile_per_step(tiny_unet):
 
 def test_hook_rewrites_weights_and_identification_compiles_once(tiny_unet, tmp_path):
     mesh, model, state, step, batch, src = tiny_unet
-    fn = driver.make_identify_fn(model, task="segmentation", mesh=mesh)
+    fn = identify.make_identify_fn(model, task="segmentation", mesh=mesh)
 
     class Writer:
         rows = []
@@ -163,10 +163,12 @@ def test_hook_rewrites_weights_and_identification_compiles_once(tiny_unet, tmp_p
         def write(self, s, scalars):
             self.rows.append((s, scalars))
 
-    hook = driver.HtlHook(
+    writer = Writer()
+    hook = attention.AttentionHook(
         fn, lambda: eval_batches(src, global_batch=8, preprocess=Preprocess(16, 3)), mesh,
         (0.3, 0.5, 0.9), every=2, total=10, attention="weight", weight=3.0, top_q=0.25,
-        positions=np.arange(24), stream=lambda: None, writer=Writer(), workdir=str(tmp_path))
+        positions=np.arange(24), stream=lambda: None, workdir=str(tmp_path))
+    assert hook.with_writer(writer) is hook  # the Run.state_hooks factory (writer -> hook)
     s = jax.tree.map(jnp.copy, state)
     assert hook(1, s) is s  # not an identification step
     for k in (2, 4):
@@ -176,23 +178,24 @@ def test_hook_rewrites_weights_and_identification_compiles_once(tiny_unet, tmp_p
     assert sorted(np.flatnonzero(w == 3.0)) == sorted(saved["index"][saved["htl"]])
     assert (w == 3.0).sum() == 6 and set(np.unique(w)) == {1.0, 3.0}  # top 25% of 24
     assert fn._cache_size() == 1
-    assert len(driver.read_history(str(tmp_path))) == 2
+    assert len(attention.read_history(str(tmp_path))) == 2
+    assert [s for s, _ in writer.rows] == [2, 4] and writer.rows[1][1]["htl/size"] == 6
 
 
 # ---------------------------------------------------------------------- identification
-def test_identification_driver_returns_exactly_the_planted_samples():
+def test_identification_returns_exactly_the_planted_samples():
     mesh = sharding.make_mesh()
     images, y = P.planted_images()
-    fn = driver.make_identify_fn(P.PixelLinear(), task="classification", mesh=mesh)
-    out = driver.identify(fn, P.params(), {}, P.SPARSITIES,
-                          eval_batches(ArraySource(images, y), global_batch=16,
-                                       preprocess=Preprocess(None, 1)), mesh)
+    fn = identify.make_identify_fn(P.PixelLinear(), task="classification", mesh=mesh)
+    out = identify.identify_samples(fn, P.params(), {}, P.SPARSITIES,
+                                    eval_batches(ArraySource(images, y), global_batch=16,
+                                                 preprocess=Preprocess(None, 1)), mesh)
     assert out["index"].tolist() == list(range(P.N))  # padding dropped, sorted
     assert np.flatnonzero(out["htl"]).tolist() == P.PLANTED
     assert out["levels"].shape == (P.N, 3)
 
 
-def test_identification_driver_on_eight_devices():
+def test_identification_on_eight_devices():
     proc = run_python([os.path.join("tests", "scripts", "htl_sharded_identify.py")], devices=8)
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["devices"] == 8 and res["shards"] == 8
@@ -315,16 +318,16 @@ def test_tiny_comparison_writes_comparison_csv(tmp_path):
         assert r["seeds"] == "2" and 0 <= float(r["test/hard_1/iou"]) <= 1
     for f in ("summary.md", "htl_over_training.png", "htl_examples.png", "htl_shares.png"):
         assert (tmp_path / "report" / f).exists(), f
-    hist = driver.read_history(str(tmp_path / "runs" / "htl_oversample" / "seed_0"))
+    hist = attention.read_history(str(tmp_path / "runs" / "htl_oversample" / "seed_0"))
     assert [h["step"] for h in hist] == [4]  # every epoch (4 steps), not at the last step
 
 
 def test_tiny_semi_supervised_weights_the_identified_unlabeled_samples(tmp_path):
     """HTL among unlabeled samples on TEAR's FixMatch step: baseline + htl_weight end to end;
-    the state's ssl.weights (final checkpoint) are htl.weight exactly on the last identified
-    unlabeled indices and 1 elsewhere, and the baseline's stay 1."""
+    the state's sample_weight table (final checkpoint) is htl.weight exactly on the last
+    identified unlabeled indices and 1 elsewhere, and the baseline's stays 1."""
+    from jaxmed.data.sources import record_indices
     from jaxmed.methods.tear import data as ssl_data
-    from jaxmed.train.checkpoint import Checkpointer
 
     c = tiny_config("tiny_ssl")
     htl.train_and_evaluate(c, str(tmp_path))
@@ -335,12 +338,12 @@ def test_tiny_semi_supervised_weights_the_identified_unlabeled_samples(tmp_path)
         assert m in rows[0] and f"{m}_std" in rows[0]
         assert all(0 <= float(r[m]) <= 1 for r in rows)
     run = tmp_path / "runs" / "htl_weight" / "seed_0"
-    assert [h["step"] for h in driver.read_history(str(run))] == [5]  # 84 // (2 x 8) steps
+    assert [h["step"] for h in attention.read_history(str(run))] == [5]  # 84 // (2 x 8) steps
     saved = np.load(run / "htl" / "step_0000005.npz")
     ds = data_lib.build(c.data)
     labeled, unlabeled = ssl_data.from_num_labeled(ds["train"], c.ssl.num_labeled,
                                                    c.ssl.split_seed)
-    assert sorted(saved["index"]) == sorted(ssl_data.record_indices(unlabeled))
+    assert sorted(saved["index"]) == sorted(record_indices(unlabeled))
     chosen = saved["index"][saved["htl"]]
     assert len(chosen) == 21  # top 25% of the 84 unlabeled samples
 
@@ -348,13 +351,13 @@ def test_tiny_semi_supervised_weights_the_identified_unlabeled_samples(tmp_path)
         ck = Checkpointer(str(tmp_path / "runs" / method / "seed_0" / "checkpoints"))
         state, _ = ck.restore_raw()
         ck.close()
-        return np.asarray(state["ssl"]["weights"])
+        return np.asarray(state["sample_weight"])
 
     w = weights("htl_weight")
     assert len(w) == 96
     assert sorted(np.flatnonzero(w != 1.0).tolist()) == sorted(chosen.tolist())
     assert np.all(w[chosen] == c.htl.weight)
-    assert np.all(w[ssl_data.record_indices(labeled)] == 1.0)
+    assert np.all(w[record_indices(labeled)] == 1.0)
     assert np.all(weights("baseline") == 1.0)
     c.htl.methods = ("baseline", "htl_oversample")
     with pytest.raises(ValueError, match="htl_oversample"):

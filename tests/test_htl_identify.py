@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxmed import metrics
-from jaxmed.methods.htl import identify as I
+from jaxmed.methods.htl import identify
 
 SPARSITIES = (0.3, 0.5, 0.6)  # of 8 weights: prune 2, 4, 5
 
@@ -40,10 +40,10 @@ def classification_set(n=40):
 @pytest.fixture(scope="module")
 def linear_levels():
     params = {"fc": {"kernel": jnp.asarray(W)}}
-    masks = I.level_masks(params, SPARSITIES)
+    masks = identify.level_masks(params, SPARSITIES)
     model = Linear()
-    predict = I.make_level_predictor(lambda p, x, _: model.apply({"params": p}, x),
-                                     task="classification")
+    predict = identify.make_level_predictor(lambda p, x, _: model.apply({"params": p}, x),
+                                            task="classification")
     dense, pruned = predict(params, masks, classification_set(), None)
     return params, masks, model, dense, pruned
 
@@ -65,22 +65,22 @@ def test_pruned_predictions_equal_masked_dense_forwards(linear_levels):
     np.testing.assert_allclose(dense, x @ W, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(pruned, np.stack([x @ (W * m[i]) for i in range(3)]),
                                rtol=1e-6, atol=1e-6)
-    vmapped = I.make_level_predictor(lambda p, x, _: model.apply({"params": p}, x),
-                                     task="classification", level_axis="vmap")
+    vmapped = identify.make_level_predictor(lambda p, x, _: model.apply({"params": p}, x),
+                                            task="classification", level_axis="vmap")
     np.testing.assert_allclose(vmapped(params, masks, jnp.asarray(x), None)[1], pruned,
                                rtol=1e-6)
 
 
 def test_classification_htl_set_is_exactly_the_planted_samples(linear_levels):
     *_, dense, pruned = linear_levels
-    disagree, score = I.classification_disagreement(dense, pruned)
-    assert np.flatnonzero(I.select_htl(disagree, score)).tolist() == PLANTED
+    disagree, score = identify.classification_disagreement(dense, pruned)
+    assert np.flatnonzero(identify.select_htl(disagree, score)).tolist() == PLANTED
     # the score: the pruned copies' mean probability off the dense class (numpy oracle)
     p = np.exp(pruned) / np.exp(pruned).sum(-1, keepdims=True)
     d = np.asarray(dense).argmax(-1)
     np.testing.assert_allclose(score, 1 - p[:, np.arange(40), d].mean(0), atol=1e-6)
     # top q: the borderline sample (confident flip at one level) outranks the planted ones
-    top = I.select_htl(disagree, score, top_q=4 / 40)
+    top = identify.select_htl(disagree, score, top_q=4 / 40)
     assert np.flatnonzero(top).tolist() == sorted(PLANTED + [BORDERLINE])
 
 
@@ -93,7 +93,7 @@ def test_vote_ties_that_include_the_dense_class_are_agreement():
     pruned = jnp.asarray(np.eye(4)[votes.T] * 5, jnp.float32)  # [L=4, N=5, C=4] logits
     dense = jnp.asarray(np.eye(4)[[3] * 5], jnp.float32)       # dense says class 3 (the last:
     # a lowest-index tie break would not agree)
-    disagree, _ = I.classification_disagreement(dense, pruned)
+    disagree, _ = identify.classification_disagreement(dense, pruned)
     assert np.asarray(disagree).tolist() == [False, False, True, False, True]
 
 
@@ -127,50 +127,51 @@ def segmentation_set():
 
 def test_segmentation_htl_set_is_exactly_the_low_contrast_lesions():
     params = {"head": {"kernel": jnp.asarray([3.0, 0.05, 0.5]).reshape(1, 1, 3, 1)}}
-    masks = I.level_masks(params, (0.3, 0.6, 0.9))  # prune 1, 2, 3 of the 3 weights
+    masks = identify.level_masks(params, (0.3, 0.6, 0.9))  # prune 1, 2, 3 of the 3 weights
     model = PixelLinear()
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))  # the sharded program
-    predict = I.make_level_predictor(lambda p, x, _: model.apply({"params": p}, x),
-                                     task="segmentation", mesh=mesh)
+    predict = identify.make_level_predictor(lambda p, x, _: model.apply({"params": p}, x),
+                                            task="segmentation", mesh=mesh)
     x = segmentation_set()
     dense, level_iou = predict(params, masks, x, None)
     assert dense.shape == (10, 8, 8, 1) and level_iou.shape == (3, 10)
     # normal: kept until everything is pruned; planted: lost at once; no lesion: empty == empty
     expected = np.array([[1, 1, 0]] * 6 + [[0, 0, 0]] * 3 + [[1, 1, 1]], np.float32).T
     np.testing.assert_allclose(level_iou, expected)
-    disagree, score = I.segmentation_disagreement(level_iou, iou_threshold=0.5)
-    assert np.flatnonzero(I.select_htl(disagree, score)).tolist() == [6, 7, 8]
+    disagree, score = identify.segmentation_disagreement(level_iou, iou_threshold=0.5)
+    assert np.flatnonzero(identify.select_htl(disagree, score)).tolist() == [6, 7, 8]
     np.testing.assert_allclose(score, 1 - expected.mean(0), rtol=1e-6)
-    anyrule, _ = I.segmentation_disagreement(level_iou, 0.5, rule="any")
+    anyrule, _ = identify.segmentation_disagreement(level_iou, 0.5, rule="any")
     assert np.flatnonzero(anyrule).tolist() == list(range(9))
     # the in-program IoU equals the metric's on the pruned logits computed outside
-    pruned = I.masked_outputs(lambda p: model.apply({"params": p}, x), params, masks)
+    pruned = identify.masked_outputs(lambda p: model.apply({"params": p}, x), params, masks)
     for lvl in range(3):
         np.testing.assert_allclose(
             level_iou[lvl], metrics.iou_per_image(np.asarray(pruned[lvl] > 0),
                                                   np.asarray(dense > 0)), rtol=1e-6)
-    np.testing.assert_allclose(I.segmentation_level_iou(dense, pruned), level_iou)
+    np.testing.assert_allclose(identify.segmentation_level_iou(dense, pruned), level_iou)
 
 
 def test_majority_needs_more_than_half_of_the_levels():
     iou = jnp.asarray([[0.1, 0.9, 0.4], [0.2, 0.8, 0.2], [0.9, 0.9, 0.3], [0.9, 0.1, 0.9]])
-    disagree, _ = I.segmentation_disagreement(iou, iou_threshold=0.5)  # L = 4
+    disagree, _ = identify.segmentation_disagreement(iou, iou_threshold=0.5)  # L = 4
     assert np.asarray(disagree).tolist() == [False, False, True]       # 2 / 4 low is a tie
-    disagree, _ = I.segmentation_disagreement(iou, iou_threshold=0.85)
+    disagree, _ = identify.segmentation_disagreement(iou, iou_threshold=0.85)
     assert np.asarray(disagree).tolist() == [False, False, True]       # 0.8 joins: 2 / 4
-    disagree, _ = I.segmentation_disagreement(iou, iou_threshold=0.95)
+    disagree, _ = identify.segmentation_disagreement(iou, iou_threshold=0.95)
     assert np.asarray(disagree).tolist() == [True, True, True]
 
 
 def test_select_htl_top_q_and_bad_input():
     score = np.array([0.2, 0.9, 0.5, 0.9, 0.1])
     disagree = np.array([False, False, True, False, False])
-    assert I.select_htl(disagree, score).tolist() == disagree.tolist()
-    assert np.flatnonzero(I.select_htl(disagree, score, top_q=0.4)).tolist() == [1, 3]
-    assert np.flatnonzero(I.select_htl(disagree, score, top_q=0.2)).tolist() == [1]  # tie: index
+    assert identify.select_htl(disagree, score).tolist() == disagree.tolist()
+    assert np.flatnonzero(identify.select_htl(disagree, score, top_q=0.4)).tolist() == [1, 3]
+    # a tie: the lower index first
+    assert np.flatnonzero(identify.select_htl(disagree, score, top_q=0.2)).tolist() == [1]
     with pytest.raises(ValueError, match="top_q"):
-        I.select_htl(disagree, score, top_q=1.5)
+        identify.select_htl(disagree, score, top_q=1.5)
     with pytest.raises(ValueError, match="rule"):
-        I.segmentation_disagreement(jnp.ones((2, 3)), rule="most")
+        identify.segmentation_disagreement(jnp.ones((2, 3)), rule="most")
     with pytest.raises(ValueError, match="sparsity"):
-        I.level_masks({"fc": {"kernel": jnp.ones((2, 2))}}, ())
+        identify.level_masks({"fc": {"kernel": jnp.ones((2, 2))}}, ())

@@ -12,7 +12,8 @@ import pytest
 from jaxmed import data as data_lib
 from jaxmed.data import augment
 from jaxmed.data.pipeline import (Preprocess, TwoViews, eval_batches, semi_supervised_stream,
-                                  split_by_class_groups, train_stream)
+                                  train_stream)
+from jaxmed.data.sources import split_by_class_groups
 from jaxmed.data.images import decode_image
 from jaxmed.data.synthetic import SyntheticSource, SyntheticSpec
 from tests.conftest import REPO, subprocess_env

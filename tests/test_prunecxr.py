@@ -247,7 +247,7 @@ def test_rerun_skips_finished_stages(quick_run):
     from jaxmed.methods import prunecxr
     w = quick_run["workdir"]
     stamp = {f: os.path.getmtime(os.path.join(w, f)) for f in
-             ("runs/run_00/final.json", "sweep/run_01_random.npy")}
+             ("runs/run_00/result.json", "sweep/run_01_random.npy")}
     cfg = quick_run["config"]
     cfg.unlock()
     cfg.stages = ("train", "sweep")

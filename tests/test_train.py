@@ -65,6 +65,44 @@ def test_sigkill_then_resume_is_bitwise_equal(reference_run, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def train_records(workdir):
+    """[(step, train/loss)] of every train/ line of metrics.jsonl, in file order."""
+    lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl")) if x.strip()]
+    return [(r["step"], r["train/loss"]) for r in lines if "train/loss" in r]
+
+
+def tensorboard_steps(workdir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(workdir, "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+@pytest.mark.parametrize("wait_for, kill_at, resumed_from", [(4, 6, 4), (0, 3, None)])
+def test_a_killed_attempts_records_are_dropped_on_resume(reference_run, tmp_path, wait_for,
+                                                         kill_at, resumed_from):
+    """Killed between two checkpoints (after the one of step 4 committed, at step 6), or before
+    the first checkpoint committed (step 3): the rerun records every train step once, in
+    metrics.jsonl and in TensorBoard, with the values of the attempt that survived (= the
+    uninterrupted run's, since resume is bitwise)."""
+    workdir = str(tmp_path / "killed")
+    proc = run_python(["tests/scripts/train_then_kill.py", workdir, str(wait_for),
+                       str(kill_at)], check=False)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    dead = train_records(workdir)
+    assert dead and dead[-1][0] == (kill_at // 2) * 2  # the dead attempt logged past its ckpt
+    resumed = run_python([*CLI, f"--workdir={workdir}"])
+    assert (f"resuming from checkpoint step {resumed_from}" in resumed.stdout) == bool(
+        resumed_from)
+    got, want = train_records(workdir), train_records(reference_run)[:6]
+    assert [s for s, _ in got] == [2, 4, 6, 8, 10, 12] == [s for s, _ in want]
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6)
+    tb = tensorboard_steps(workdir, "train/loss")
+    assert [s for s, _ in tb] == [2, 4, 6, 8, 10, 12]
+    np.testing.assert_allclose([v for _, v in tb], [v for _, v in want], rtol=1e-6)
+
+
 def test_rerun_resumes_instead_of_restarting(reference_run):
     before = open(os.path.join(reference_run, "metrics.jsonl")).read()
     proc = run_python([*CLI, f"--workdir={reference_run}"])

@@ -15,9 +15,9 @@ Runtime: 9 min 23 s wall, 931 CPU s (user + sys, /usr/bin/time -v) on the quiet 
 
 Measured result (2 seeds; the benchmark's ordering): final task-agnostic ACC BiasPruner
 0.849 ± 0.069, PackNet 0.544 ± 0.037, EWC 0.352 ± 0.093, LwF 0.320 ± 0.049, fine-tune 0.274 ±
-0.001 (BiasPruner beyond 2 SE of each); EOdd BiasPruner 0.126 ± 0.031, LwF 1.42, EWC 1.46,
-fine-tune 1.66, PackNet 1.80 (beyond 2 SE of each); task selection 1.000 (the entropy rule:
-0.047)."""
+0.001 (BiasPruner ahead by more than 2 SE of the difference); EOdd BiasPruner 0.126 ± 0.031,
+LwF 1.42, EWC 1.46, fine-tune 1.66, PackNet 1.80 (likewise); task selection 1.000 (the entropy
+rule: 0.047). With two seeds report.md gives no verdict ('too few seeds': the rule needs 3)."""
 
 from jaxmed.config_check import sibling
 

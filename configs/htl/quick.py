@@ -3,8 +3,8 @@
     jaxmed --config=configs/htl/quick.py --workdir=workdirs/htl_quick
 
 Runtime: 10 min 21 s wall, 593 CPU s on the 2-core VM while another job shared it (measured
-2026-11-25); `:tiny` (the tests' variant) runs in well under a minute; `:tiny_ssl` is the tests' semi-supervised variant (HTL
-among unlabeled samples on TEAR's FixMatch step, seconds).
+2026-11-25); `:tiny` (the tests' variant) runs in well under a minute; `:tiny_ssl` is the
+tests' semi-supervised variant (HTL among unlabeled samples on TEAR's FixMatch step, seconds).
 
 32 px synthetic lesions with masks; 8% of the images are hard (low-contrast lesions,
 attrs['hard'] = 1), in training and test alike. A U-Net on a small-stem ResNet-18 trunk (width
@@ -15,8 +15,9 @@ pruned masks: the majority rule at IoU 0.5 marks nobody, since hard lesions brea
 3 methods x 3 seeds.
 
 Expected result (workdir/report/summary.md; benchmarks/RESULTS.md): IoU on the hard lesions
-(test/hard_1/iou) baseline 0.7225 +- 0.0133, htl_weight 0.7481 +- 0.0058 (better, beyond the
-seed spread), htl_oversample 0.7341 +- 0.0145 (within noise); overall IoU ~0.972 for all.
+(test/hard_1/iou) baseline 0.7225 +- 0.0133, htl_weight 0.7481 +- 0.0058 (better: the gap
+exceeds 2 SE of the difference), htl_oversample 0.7341 +- 0.0145 (within noise); overall IoU
+~0.972 for all.
 """
 
 from jaxmed.config_check import sibling

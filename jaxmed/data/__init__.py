@@ -203,6 +203,7 @@ def image_channels(cfg, info: DatasetInfo) -> int:
     return int(cfg.channels) if cfg.channels else info.channels
 
 
-__all__ = ["BUILDERS", "Dataset", "DatasetInfo", "SPLITS", "build", "check_disjoint",
-           "check_usable", "decode_image", "default_config", "image_channels", "image_size",
-           "ImageError", "register", "source_labels"]
+__all__ = ["BUILDERS", "Dataset", "DatasetInfo", "ImageError", "SPLITS", "SyntheticSource",
+           "SyntheticSpec", "TableSource", "build", "check_disjoint", "check_usable",
+           "class_counts", "decode_image", "default_config", "image_channels", "image_size",
+           "register", "source_labels"]

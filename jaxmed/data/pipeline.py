@@ -22,7 +22,6 @@ import numpy as np
 
 from jaxmed.data import augment
 from jaxmed.data.images import ImageError, decode_image
-from jaxmed.data.sources import SubsetSource, source_labels
 
 log = logging.getLogger(__name__)
 
@@ -267,18 +266,6 @@ class _Zip:
 
     def __call__(self, step: int) -> dict:
         return {"labeled": self.labeled[int(step)], "unlabeled": self.unlabeled[int(step)]}
-
-
-# ------------------------------------------------------------------------ continual streams
-def split_by_class_groups(source, groups: list[list[int]]) -> list[SubsetSource]:
-    """One source per task, holding the samples whose (single) label is in the task's classes."""
-    labels = source_labels(source)
-    if labels.ndim != 1:
-        raise ValueError("class-incremental task splits need single-label data")
-    seen = [c for g in groups for c in g]
-    if len(seen) != len(set(seen)):
-        raise ValueError(f"class groups overlap: {groups}")
-    return [SubsetSource(source, np.flatnonzero(np.isin(labels, g))) for g in groups]
 
 
 # ------------------------------------------------------------ weighted (over)sampling stream

@@ -153,3 +153,64 @@ def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
     if labels.ndim == 2:
         return labels.sum(0).astype(np.int64)
     return np.bincount(labels.astype(np.int64), minlength=num_classes)
+
+
+def record_indices(source) -> np.ndarray:
+    """The stable `index` of every record, without decoding images."""
+    if isinstance(source, SubsetSource):
+        parent = source.parent
+        if isinstance(parent, TableSource):
+            return parent.ids[source.indices].astype(np.int64)
+        if hasattr(parent, "labels") and not hasattr(parent, "ids"):
+            return source.indices.copy()  # array-like sources: index == position
+    if isinstance(source, TableSource):
+        return source.ids.astype(np.int64)
+    if (not isinstance(source, SubsetSource) and hasattr(source, "labels")
+            and not hasattr(source, "ids")):
+        return np.arange(len(source), dtype=np.int64)  # array-like sources: index == position
+    return np.asarray([int(source[i]["index"]) for i in range(len(source))], np.int64)
+
+
+def split_by_class_groups(source, groups: list[list[int]]) -> list[SubsetSource]:
+    """One source per task, holding the samples whose (single) label is in the task's classes."""
+    labels = source_labels(source)
+    if labels.ndim != 1:
+        raise ValueError("class-incremental task splits need single-label data")
+    seen = [c for g in groups for c in g]
+    if len(seen) != len(set(seen)):
+        raise ValueError(f"class groups overlap: {groups}")
+    return [SubsetSource(source, np.flatnonzero(np.isin(labels, g))) for g in groups]
+
+
+class TaskSource:
+    """A task's view of a source: within-task labels and the task id on every record."""
+
+    def __init__(self, parent, task: int, label_map: dict[int, int]):
+        self.parent, self.task, self.label_map = parent, task, label_map
+        self.labels = np.asarray([label_map[int(y)] for y in source_labels(parent)]
+                                 if len(parent) else [], np.int64)
+
+    def __len__(self) -> int:
+        return len(self.parent)
+
+    def __getitem__(self, i):
+        rec = dict(self.parent[i])
+        rec["label"] = np.int32(self.label_map[int(rec["label"])])
+        rec["attrs"] = {**rec["attrs"], "task": np.int32(self.task)}
+        return rec
+
+
+class ConcatSource:
+    """Several sources one after another (joint training on all tasks so far)."""
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+        self.labels = np.concatenate([p.labels for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i):
+        k = int(np.searchsorted(self.offsets, int(i), side="right") - 1)
+        return self.parts[k][int(i) - int(self.offsets[k])]

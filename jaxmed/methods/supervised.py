@@ -3,25 +3,17 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 
 from jaxmed import data as data_lib
-from jaxmed.data.pipeline import Preprocess, train_stream
 from jaxmed.pruning import training as pruning_training
-from jaxmed.train import build, sharding, steps
-from jaxmed.train.evaluate import Evaluator
-from jaxmed.train.loop import LoopSettings, train_loop
+from jaxmed.train.run import build_run, fit
 from jaxmed.train.workdir import write_config
-from jaxmed.train.writers import MetricWriter
 
 log = logging.getLogger(__name__)
+HARMLESS_KEYS: tuple[str, ...] = ()
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -53,82 +45,19 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """What a supervised run is made of (also what PruneCXR and HTL train with)."""
-
-    mesh: Any
-    ds: data_lib.Dataset
-    model: Any
-    tx: Any
-    state: Any  # the initial TrainState, replicated
-    train_step: Callable  # jitted (state, batch) -> (state, metrics)
-    eval_step: Callable  # jitted (state, batch) -> per-sample outputs
-    evaluator: Evaluator
-    make_stream: Callable  # () -> a fresh TrainStream
-    pruned: bool
-
-
-def build_run(config) -> Run:
-    """Data, model, optimizer, initial state, jitted steps and evaluator of `config`."""
-    mesh = sharding.make_mesh()
-    tcfg = config.train
-    sharding.check_global_batch(tcfg.batch_size, mesh)
-    ds = data_lib.build(config.data)
-    info = ds.info
-    size, channels = data_lib.image_size(config.data, info), data_lib.image_channels(
-        config.data, info)
-    model = build.build_model(config.model, info.num_classes)
-    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    steps_per_epoch = len(ds["train"]) // tcfg.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"config.train.batch_size={tcfg.batch_size} is larger than the "
-                         f"{len(ds['train'])} training images of {info.name}")
-    tx = build.make_optimizer(tcfg, build.total_steps(tcfg, steps_per_epoch))
-    variables = build.init_variables(model, config.model, init_rng, (size, size, channels))
-    pruned = config.pruning.criterion != "none"
-    masks = pruning_training.initial_masks(variables["params"]) if pruned else None
-    state = build.create_state(variables, tx, state_rng, mesh, masks=masks)
-
-    dtype = jnp.dtype(config.model.dtype)
-    loss_name = "bce" if info.multi_label and tcfg.loss == "ce" else tcfg.loss
-    train_step = steps.jit_train_step(steps.make_train_step(
-        model, tx, multi_label=info.multi_label, loss_name=loss_name,
-        class_counts=info.class_counts, label_smoothing=tcfg.label_smoothing,
-        compute_dtype=dtype, bn_frozen_from=tcfg.freeze_bn_after_epoch * steps_per_epoch), mesh)
-    eval_step = steps.jit_eval_step(
-        steps.make_eval_step(model, multi_label=info.multi_label, compute_dtype=dtype), mesh)
-    evaluator = Evaluator(eval_step, ds.splits, batch_size=tcfg.eval_batch_size,
-                          preprocess=Preprocess(size, channels, "", config.seed,
-                                                config.data.on_error),
-                          mesh=mesh, multi_label=info.multi_label,
-                          num_workers=config.data.num_workers)
-    train_pre = Preprocess(size, channels, config.data.train_augment, config.seed,
-                           config.data.on_error)
-    epochs = max(tcfg.epochs, 1) if tcfg.steps <= 0 else -(-tcfg.steps // steps_per_epoch)
-
-    def make_stream():
-        return train_stream(ds["train"], global_batch=tcfg.batch_size, preprocess=train_pre,
-                            seed=config.seed, num_epochs=epochs,
-                            num_workers=config.data.num_workers)
-
-    return Run(mesh, ds, model, tx, state, train_step, eval_step, evaluator, make_stream, pruned)
+def check_config(config) -> None:
+    """The supervised keys are checked by their readers (the data / model / optimizer
+    builders name the key at fault); nothing more before the run."""
+    del config
 
 
 def train_and_evaluate(config, workdir: str, hooks=()) -> dict:
     """Train, select on validation (if configured), evaluate on test; returns test metrics."""
     write_config(config, workdir)
-    run = build_run(config)
-    writer = MetricWriter(workdir, enabled=sharding.is_lead_process())
-    state_hooks = ([pruning_training.ScheduledPruning(config.pruning, writer)] if run.pruned
-                   else [])
-    try:
-        state, final = train_loop(
-            workdir=workdir, settings=LoopSettings.from_config(config.train), state=run.state,
-            train_step=run.train_step, make_stream=run.make_stream, evaluate=run.evaluator,
-            mesh=run.mesh, writer=writer, meta={"config": json.loads(config.to_json())},
-            hooks=hooks, state_hooks=state_hooks, global_batch=config.train.batch_size)
-    finally:
-        writer.close()
+    _, final = fit(build_run(config), workdir, hooks=hooks)
     log.info("test metrics: %s", final)
     return {f"test/{k}": v for k, v in final.items()}
+
+
+__all__ = ["HARMLESS_KEYS", "build_run", "check_config", "default_config",
+           "train_and_evaluate"]

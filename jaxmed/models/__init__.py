@@ -38,4 +38,7 @@ def create_model(name: str, num_classes: int, *, dtype: str | Any = "float32", *
     return MODELS[name](num_classes=num_classes, dtype=dtype, **kw)
 
 
-__all__ = ["AlexNet", "DenseNet", "ResNet", "UNet", "ViT", "MODELS", "create_model"]
+__all__ = ["AlexNet", "DenseNet", "MODELS", "ResNet", "UNet", "ViT", "alexnet", "create_model",
+           "densenet121", "dinov2_vitb14", "dinov2_vits14", "resnet8", "resnet18", "resnet20",
+           "resnet34", "resnet50", "resnet56", "unet_resnet18", "unet_resnet34",
+           "unet_resnet50", "vit_b", "vit_s"]

@@ -10,7 +10,8 @@ from jaxmed.pruning.masks import (apply_masks, build_masks, count, default_predi
                                   masked_optimizer, sparsity, stack, union, unstack)
 from jaxmed.pruning.schedules import Gradual, OneShot, iterative_magnitude_pruning, make_schedule
 from jaxmed.pruning.structured import channel_masks, compact, filter_l1_scores, resnet_units
-from jaxmed.pruning.sweep import over_stack, scores_for
+from jaxmed.pruning.sweep import scores_for
+from jaxmed.stacking import over_stack
 from jaxmed.pruning.training import ScheduledPruning, initial_masks, recompute_masks
 
 __all__ = [

@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxmed.data import augment
 from jaxmed.pruning import criteria
 from jaxmed.pruning.masks import apply_masks
+from jaxmed.stacking import check_axis, over_stack
 
 PRUNE_TYPES = ("l1", "random")
 
@@ -68,18 +69,6 @@ def make_forward(model, *, multi_label: bool, compute_dtype=jnp.float32,
     repl, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     return jax.jit(forward, in_shardings=(repl, repl, rows),
                    out_shardings=NamedSharding(mesh, P(None, "data")))
-
-
-def check_axis(axis: str, key: str) -> None:
-    if axis not in ("vmap", "map"):
-        raise ValueError(f"{key} must be 'vmap' or 'map', got {axis!r}")
-
-
-def over_stack(fn: Callable, stacked, axis: str):
-    """fn over the leading axis of a stacked pytree (model copies: sparsity levels, tasks'
-    subnetworks) inside one program: 'vmap' batches them (convolutions become grouped ones),
-    'map' runs them one after another (`lax.map`), each a dense forward."""
-    return jax.vmap(fn)(stacked) if axis == "vmap" else jax.lax.map(fn, stacked)
 
 
 def sweep(forward: Callable, variables: dict, scores, sparsities: Sequence[float],

@@ -111,12 +111,9 @@ def kernels_only(params):
     return jax.tree.map(lambda x: x.ndim > 1, params)
 
 
-def create_state(variables: dict, tx, rng, mesh, masks=None) -> TrainState:
-    """The TrainState, replicated over the mesh."""
-    state = TrainState.create(variables, tx, rng, masks=masks)
+def create_state(variables: dict, tx, rng, mesh, masks=None, index_bound: int = 0
+                 ) -> TrainState:
+    """The TrainState, replicated over the mesh (index_bound > 0: with a weight-1
+    `sample_weight` table)."""
+    state = TrainState.create(variables, tx, rng, masks=masks, index_bound=index_bound)
     return jax.device_put(state, sharding.replicated(mesh))
-
-
-def total_steps(train_cfg, steps_per_epoch: int) -> int:
-    """`train.steps` if set, else `train.epochs` x steps per epoch."""
-    return train_cfg.steps if train_cfg.steps > 0 else train_cfg.epochs * steps_per_epoch

@@ -1,23 +1,47 @@
-"""Comparison runs: every method of `config.<method>.methods` x every seed of
-`config.<method>.seeds` on the same data, each in its own sub-workdir, then one table.
+"""The comparison engine every method uses: every method of `config.<section>.methods` x every
+seed of `config.<section>.seeds` on the same data, each in its own sub-workdir, then one table.
 
-A finished (method, seed) run leaves `result.json`; a rerun of the comparison skips it, so a
-crash or a kill costs at most the run in progress (which resumes from its own checkpoints).
-`comparison.csv` has one row per method: `method`, `seeds`, the mean of each metric over the
-seeds and its standard deviation (`<metric>_std`, ddof=1; 0 with one seed).
+Layout: `workdir/runs/<method>/seed_<s>/`, each with its own `config.json` (the comparison's,
+with methods = (method,), seeds = (s,), seed = s: a half-done sub-run never resumes under
+another value of a key that changes results) and, once finished, one atomic `result.json`: the
+only finished-run marker. A rerun skips finished sub-runs, so a crash or a kill costs at most
+the run in progress (which resumes from its own checkpoints). `methods` / `seeds` are harmless
+on resume: a new method or seed runs only its new sub-runs, a removed one drops its row.
+
+`report/comparison.csv` has one row per method: `method`, `seeds`, the mean of each metric over
+the seeds and its sample standard deviation (`<metric>_std`, ddof 1; 0 with one seed); it and
+the rest of the report are written by the lead process only, each file atomically.
+
+The one verdict rule (`verdict`): a method is better or worse than another on a metric only
+when both have at least `MIN_SEEDS` finite values and the difference of the means exceeds two
+standard errors of the difference, 2 sqrt(sd_a^2 / n_a + sd_b^2 / n_b); otherwise 'within
+noise' (or 'too few seeds').
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Callable, Mapping, Sequence
 
+import ml_collections
 import numpy as np
 
 from jaxmed.report import write_csv
 from jaxmed.train import sharding
+
+log = logging.getLogger(__name__)
+
+RESULT = "result.json"
+MIN_SEEDS = 3
+BETTER, WORSE, NOISE, FEW = "better", "worse", "within noise", "too few seeds"
+
+
+def harmless_keys(section: str) -> tuple[str, ...]:
+    """The comparison's own keys: which methods and seeds run never changes a sub-run."""
+    return (f"{section}.methods", f"{section}.seeds")
 
 
 def check_methods_and_seeds(methods, seeds, known: Sequence[str], key: str) -> None:
@@ -41,58 +65,116 @@ def run_dir(workdir: str, method: str, seed: int) -> str:
     return os.path.join(workdir, "runs", method, f"seed_{seed}")
 
 
-def run_all(workdir: str, methods: Sequence[str], seeds: Sequence[int],
-            run_one: Callable[[str, int, str], Mapping[str, float]]
-            ) -> dict[str, list[dict[str, float]]]:
-    """{method: [result of each seed]}; `run_one(method, seed, run_workdir)` returns a flat
-    dict of final metrics (floats), the same on every process. Finished runs are read back, not
-    rerun. Call `write_comparison` / figures from the lead process only."""
-    results: dict[str, list[dict[str, float]]] = {}
-    for method in methods:
-        for seed in seeds:
+def sub_config(config, section: str, method: str, seed: int) -> ml_collections.ConfigDict:
+    """The config of one (method, seed) sub-run."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    c[section].methods, c[section].seeds = (method,), (int(seed),)
+    c.seed = int(seed)
+    return c
+
+
+def write_result(run_workdir: str, result: Mapping) -> None:
+    """`result.json`, atomically (a kill leaves the old file or none). Lead process only."""
+    if not sharding.is_lead_process():
+        return
+    os.makedirs(run_workdir, exist_ok=True)
+    path = os.path.join(run_workdir, RESULT)
+    with open(path + ".tmp", "w") as f:
+        json.dump(dict(result), f, indent=1, default=_json_default)
+    os.replace(path + ".tmp", path)
+
+
+def read_result(run_workdir: str) -> dict | None:
+    """A finished run's `result.json`; None if it has none; a corrupt one is an error naming
+    the file and what to delete."""
+    path = os.path.join(run_workdir, RESULT)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            result = json.load(f)
+        if not isinstance(result, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is unreadable ({e}): delete it to rerun that run") from None
+    return result
+
+
+def _json_default(v):
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    raise TypeError(f"{type(v).__name__} is not JSON-serialisable")
+
+
+def run_all(workdir: str, config, section: str,
+            run_one: Callable[[str, int, str, ml_collections.ConfigDict], Mapping],
+            *, harmless: tuple[str, ...] = ()) -> dict[str, list[dict]]:
+    """{method: [result of each seed]} for `config.<section>.methods` x `.seeds`.
+
+    `run_one(method, seed, run_workdir, sub_config)` trains one sub-run and returns a flat dict
+    of final metrics (floats; the same on every process; other JSON values are kept for the
+    method's report). Finished sub-runs are read back, not rerun."""
+    from jaxmed.train.workdir import write_config
+
+    s = config[section]
+    results: dict[str, list[dict]] = {}
+    for method in s.methods:
+        for seed in s.seeds:
             d = run_dir(workdir, method, seed)
-            path = os.path.join(d, "result.json")
-            if os.path.exists(path):
-                with open(path) as f:
-                    result = json.load(f)
-            else:  # every process takes part in the run; the lead writes its result
-                os.makedirs(d, exist_ok=True)
-                result = {k: _to_float(v) for k, v in dict(run_one(method, seed, d)).items()}
-                if sharding.is_lead_process():
-                    with open(path + ".tmp", "w") as f:
-                        json.dump(result, f, indent=1)
-                    os.replace(path + ".tmp", path)
+            result = read_result(d)
+            if result is None:  # every process takes part in the run; the lead writes
+                sub = sub_config(config, section, method, seed)
+                write_config(sub, d, harmless=harmless)
+                result = {k: _to_float(v) for k, v in dict(run_one(method, seed, d, sub)).items()}
+                write_result(d, result)
             results.setdefault(method, []).append(result)
     return results
 
 
+def compare(workdir: str, config, section: str, run_one, report: Callable[[dict], dict | None],
+            *, harmless: tuple[str, ...] = ()) -> dict:
+    """`run_all`, then `report(results)` on the lead process (it writes workdir/report/ and
+    returns the method's headline figures); other processes return {}."""
+    results = run_all(workdir, config, section, run_one, harmless=harmless)
+    if not sharding.is_lead_process():
+        return {}
+    return report(results) or {}
+
+
 def _to_float(v):
+    if isinstance(v, (bool, str, dict, list, tuple)) or v is None:
+        return v
     try:
         return float(v)
     except (TypeError, ValueError):
         return v
 
 
-def summarize(results: Mapping[str, Sequence[Mapping[str, float]]], metrics: Sequence[str]
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def summarize(results: Mapping[str, Sequence[Mapping]], metrics: Sequence[str]
               ) -> dict[str, dict[str, float]]:
-    """{method: {metric: mean, metric_std: sd, 'seeds': n}} over the seeds."""
+    """{method: {metric: mean, metric_std: sd, metric_n: finite values, 'seeds': runs}}: a
+    non-finite value is left out of the mean, the sd and the count a verdict needs."""
     out = {}
     for method, runs in results.items():
         row: dict[str, float] = {"seeds": len(runs)}
         for m in metrics:
-            vals = np.asarray([r[m] for r in runs if m in r and _finite(r[m])], np.float64)
+            vals = np.asarray([r[m] for r in runs if _finite(r.get(m))], np.float64)
             row[m] = float(vals.mean()) if len(vals) else math.nan
             row[f"{m}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+            row[f"{m}_n"] = len(vals)
         out[method] = row
     return out
 
 
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
-
-
 def write_comparison(path: str, results, metrics: Sequence[str]) -> dict[str, dict[str, float]]:
-    """comparison.csv (method, seeds, each metric and its _std); returns the summary."""
+    """comparison.csv (method, seeds, each metric and its _std), atomically; returns the
+    summary."""
     summary = summarize(results, metrics)
     header = ["method", "seeds", *[c for m in metrics for c in (m, f"{m}_std")]]
     rows = [[method, row["seeds"], *[f"{row[c]:.6g}" for m in metrics
@@ -102,14 +184,43 @@ def write_comparison(path: str, results, metrics: Sequence[str]) -> dict[str, di
     return summary
 
 
-def beats(summary, a: str, b: str, metric: str, *, higher: bool = True) -> bool:
-    """True if method `a` beats `b` on `metric` by more than the larger of their seed standard
-    deviations (the report's threshold for a verdict; never drawn from one seed)."""
+def verdict(summary, a: str, b: str, metric: str, *, higher: bool = True) -> str:
+    """'better' / 'worse' if `a`'s mean differs from `b`'s by more than two standard errors of
+    the difference (each with >= MIN_SEEDS finite values), else 'within noise' or 'too few
+    seeds'. `higher`: whether a larger value is better."""
     ra, rb = summary[a], summary[b]
-    if ra["seeds"] < 2 or rb["seeds"] < 2:
-        return False
+    na, nb = (r.get(f"{metric}_n", r["seeds"]) for r in (ra, rb))
+    if min(na, nb) < MIN_SEEDS:
+        return FEW
     gap = (ra[metric] - rb[metric]) * (1 if higher else -1)
-    return gap > max(ra[f"{metric}_std"], rb[f"{metric}_std"])
+    se = math.sqrt(ra[f"{metric}_std"] ** 2 / na + rb[f"{metric}_std"] ** 2 / nb)
+    if not math.isfinite(gap):
+        return FEW
+    return BETTER if gap > 2 * se else WORSE if gap < -2 * se else NOISE
+
+
+def beats(summary, a: str, b: str, metric: str, *, higher: bool = True) -> bool:
+    """`verdict(...) == 'better'`."""
+    return verdict(summary, a, b, metric, higher=higher) == BETTER
+
+
+def verdict_line(summary, a: str, b: str, metric: str, *, higher: bool = True,
+                 digits: int = 3) -> str:
+    """'a vs b on metric: mean ± sd vs mean ± sd (gap g, 2 SE e, n_a / n_b seeds): verdict'."""
+    ra, rb = summary[a], summary[b]
+    na, nb = (r.get(f"{metric}_n", r["seeds"]) for r in (ra, rb))
+    gap = ra[metric] - rb[metric]
+    se = (math.sqrt(ra[f"{metric}_std"] ** 2 / max(na, 1) + rb[f"{metric}_std"] ** 2
+                    / max(nb, 1)))
+    f = f".{digits}f"
+    return (f"{a} vs {b} on {metric}: {ra[metric]:{f}} ± {ra[f'{metric}_std']:{f}} vs "
+            f"{rb[metric]:{f}} ± {rb[f'{metric}_std']:{f}} (gap {gap:+{f}}, 2 SE {2 * se:{f}}, "
+            f"{na} / {nb} seeds): {verdict(summary, a, b, metric, higher=higher)}")
+
+
+RULE = ("Verdicts: better / worse only where the difference of the means exceeds two standard "
+        f"errors of the difference, with at least {MIN_SEEDS} seeds each; otherwise within "
+        "noise (or too few seeds).")
 
 
 def metric_by_method_figure(path: str, results, metric: str, *, title: str = "") -> None:

@@ -61,31 +61,49 @@ def _take(v, order, axis):
     return np.take(v, order, axis=axis)
 
 
+def classification_metrics(out: dict, *, multi_label: bool, class_names=()) -> dict:
+    """The kit's metrics of `predict`'s outputs (probs, label, loss): AUC, accuracy, ... and the
+    mean loss; given `class_names` (single-label), each class's recall as `recall/<name>`."""
+    fn = metrics.multi_label_metrics if multi_label else metrics.single_label_metrics
+    result = fn(out["probs"], out["label"])
+    result["loss"] = float(np.mean(out["loss"]))
+    if class_names and not multi_label:
+        recall = metrics.per_class_recall(np.asarray(out["label"]),
+                                          np.asarray(out["probs"]).argmax(-1), len(class_names))
+        result.update({f"recall/{n}": float(r) for n, r in zip(class_names, recall)})
+    return result
+
+
 class Evaluator:
-    """evaluator(state, split) -> metrics of a jitted eval step over every sample of the split
-    exactly once (the step returns per-sample `probs` and `loss`)."""
+    """evaluator(state, split) -> `metrics_fn` of a jitted eval step's per-sample outputs over
+    every sample of the split exactly once (by default the step returns `probs` and `loss`, and
+    the metrics are `classification_metrics`). A method's own metrics (group accuracies,
+    segmentation scores) are its `metrics_fn`, over the step's outputs and the batch `keys`."""
 
     def __init__(self, eval_step, splits: dict, *, batch_size: int, preprocess: Preprocess,
-                 mesh, multi_label: bool, num_workers: int = 0):
+                 mesh, multi_label: bool, num_workers: int = 0,
+                 metrics_fn: Callable[[dict], dict] | None = None, class_names=(),
+                 keys: tuple[str, ...] = ("index",)):
         sharding.check_global_batch(batch_size, mesh, key="eval_batch_size")
         self.eval_step, self.splits, self.batch_size = eval_step, splits, batch_size
         self.preprocess, self.mesh, self.multi_label = preprocess, mesh, multi_label
-        self.num_workers = num_workers
+        self.num_workers, self.keys = num_workers, tuple(keys)
+        self.metrics_fn = metrics_fn or (lambda out: classification_metrics(
+            out, multi_label=multi_label, class_names=tuple(class_names)))
 
     def batches(self, split: str):
         return eval_batches(self.splits[split], global_batch=self.batch_size,
                             preprocess=self.preprocess, num_workers=self.num_workers)
 
     def predict(self, state, split: str) -> dict[str, np.ndarray]:
-        """Per-sample outputs (probs, loss, label, index) of the split, sorted by index."""
-        return predict(lambda b: self.eval_step(state, b), self.batches(split), self.mesh)
+        """Per-sample outputs of the eval step (probs, loss, label...) and the batch's `keys`
+        (index; attrs, mask where the metrics need them) of the split, sorted by index."""
+        return predict(lambda b: self.eval_step(state, b), self.batches(split), self.mesh,
+                       keys=self.keys)
 
     def metrics_of(self, out: dict) -> dict[str, float]:
         """The split's metrics from `predict`'s outputs."""
-        fn = metrics.multi_label_metrics if self.multi_label else metrics.single_label_metrics
-        result = fn(out["probs"], out["label"])
-        result["loss"] = float(np.mean(out["loss"]))
-        return result
+        return self.metrics_fn(out)
 
     def __call__(self, state, split: str) -> dict[str, float]:
         return self.metrics_of(self.predict(state, split))

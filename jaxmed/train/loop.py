@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxmed.train import build, sharding
+from jaxmed.train import sharding
 from jaxmed.train.checkpoint import Checkpointer
 from jaxmed.train.writers import MetricWriter
 
@@ -81,7 +81,8 @@ def train_loop(*, workdir: str, settings: LoopSettings, state: Any, train_step: 
                         best=bool(settings.early_stop_metric))
     stream = make_stream()
     spe = stream.steps_per_epoch
-    total = min(build.total_steps(settings, spe), stream.num_epochs * spe)
+    total = min(settings.steps if settings.steps > 0 else settings.epochs * spe,
+                stream.num_epochs * spe)
     book = {"best_value": None, "best_step": None, "bad_evals": 0, "stopped_early": False,
             "last_eval_step": None, "improvements": 0}
     latest = ckpt.latest_step()
@@ -91,6 +92,7 @@ def train_loop(*, workdir: str, settings: LoopSettings, state: Any, train_step: 
         log.info("resumed from %s at step %d", ckpt.directory, latest)
         print(f"resuming from checkpoint step {latest} in {ckpt.directory}", flush=True)
     step = int(jax.device_get(state.step))
+    writer.resume_from(step if latest is not None else -1)
     eval_every = settings.eval_every if settings.eval_every != 0 else spe
     ckpt_every = settings.checkpoint_every if settings.checkpoint_every > 0 else spe
     meta = dict(meta or {})

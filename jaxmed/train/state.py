@@ -18,14 +18,19 @@ class TrainState:
     opt_state: Any
     masks: Any  # None, or a mask pytree with the params' structure (jaxmed.pruning)
     rng: jax.Array  # raw uint32 key: checkpoints as a plain array
+    # None, or float32 [index_bound]: a loss weight per record's stable index, for methods that
+    # reweigh samples during training (HTL's attention; TEAR's step weighs unlabeled terms)
+    sample_weight: Any = None
 
     @classmethod
     def create(cls, variables: dict, tx: optax.GradientTransformation, rng: jax.Array,
-               masks: Any = None) -> "TrainState":
+               masks: Any = None, index_bound: int = 0) -> "TrainState":
+        """index_bound > 0: a weight-1 `sample_weight` table of that many entries."""
         params = variables["params"]
         return cls(step=jnp.zeros((), jnp.int32), params=params,
                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                   masks=masks, rng=rng)
+                   masks=masks, rng=rng,
+                   sample_weight=jnp.ones((index_bound,), jnp.float32) if index_bound else None)
 
     @property
     def variables(self) -> dict:

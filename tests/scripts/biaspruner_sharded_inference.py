@@ -18,7 +18,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxmed.methods import biaspruner  # noqa: E402
-from jaxmed.methods.biaspruner import continual, subnetworks  # noqa: E402
+from jaxmed.methods.biaspruner import frame, subnetworks  # noqa: E402
+from jaxmed.methods.biaspruner.tasks import build_tasks  # noqa: E402
 from jaxmed.pruning import structured  # noqa: E402
 from jaxmed.train import sharding  # noqa: E402
 from jaxmed.train.evaluate import predict  # noqa: E402
@@ -30,15 +31,15 @@ spec.loader.exec_module(quick)
 cfg = quick.get_config("tiny")
 cfg.continual.task_selection = "entropy"  # random heads: entropy picks both tasks (stem scores too)
 cfg.data.synthetic_bias.shared_colours = False  # tasks differ in colour: random heads differ too
-tasks, info = continual.build_tasks(cfg)
+tasks, info = build_tasks(cfg)
 method = biaspruner.METHODS["biaspruner"]
 
-env = continual.Env(cfg, tasks, info)  # all devices
-setup, state = method.build(env)
+seq = frame.TaskSequence(cfg, tasks, info)  # all devices
+setup, state = method.build(seq)
 rng = np.random.default_rng(0)
 channel = {u.name: np.stack([structured.channel_masks({u.name: rng.random(u.width)}, 0.3,
                                                        prune="highest")[u.name]
-                             for _ in range(env.num_tasks)])
+                             for _ in range(seq.num_tasks)])
            for u in structured.resnet_units(state.backbone)}
 state = state.replace(
     channel=subnetworks._unflat(channel),
@@ -48,21 +49,21 @@ state = state.replace(
                                              + rng.normal(0, 0.5, x.shape)).astype(x.dtype),
                             state.task_stats),
     heads=jax.tree.map(lambda x: rng.normal(0, 3.0, x.shape).astype(x.dtype), state.heads),
-    stored=np.int32(env.num_tasks))
+    stored=np.int32(seq.num_tasks))
 
 out = {"devices": jax.device_count()}
 for tag, devices in (("all", jax.devices()), ("one", jax.devices()[:1])):
-    e = continual.Env(cfg, tasks, info, mesh=sharding.make_mesh(devices))
+    e = frame.TaskSequence(cfg, tasks, info, mesh=sharding.make_mesh(devices))
     s = e.replicate(state)
-    for upto in range(env.num_tasks):
-        for evaluation in continual.evaluate(e, method, setup, s, upto):
+    for upto in range(seq.num_tasks):
+        for evaluation in frame.evaluate(e, method, setup, s, upto):
             t = len([k for k in out if k.startswith(f"{tag}_aware_{upto}_")])
             out[f"{tag}_aware_{upto}_{t}"] = evaluation.aware_pred
             out[f"{tag}_acc_{upto}_{t}"] = np.array([evaluation.agnostic_acc,
                                                      evaluation.aware_acc,
                                                      evaluation.selection_acc])
     fed = []
-    valid = sharding.replicate(np.ones(env.num_tasks, bool), e.mesh)
+    valid = sharding.replicate(np.ones(seq.num_tasks, bool), e.mesh)
 
     def recording(batch):
         fed.append(batch["image"].sharding)

@@ -1,4 +1,4 @@
-"""HTL identification driver (`driver.identify`) on the planted set over every device (8 fake
+"""HTL identification (`identify.identify_samples`) on the planted set over every device (8 fake
 CPU devices), batches of 16 sharded on `data`; prints JSON: the HTL indices, the sorted index,
 the device count and the sharding of the per-sample outputs.
 
@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 
 from jaxmed.data.pipeline import Preprocess, eval_batches  # noqa: E402
 from jaxmed.data.sources import ArraySource  # noqa: E402
-from jaxmed.methods.htl import driver  # noqa: E402
+from jaxmed.methods.htl import identify  # noqa: E402
 from jaxmed.train import sharding  # noqa: E402
 from tests import htl_planted as P  # noqa: E402
 
@@ -25,12 +25,12 @@ mesh = sharding.make_mesh()
 images, y = P.planted_images()
 source = ArraySource(images, y)
 pre = Preprocess(None, 1)
-fn = driver.make_identify_fn(P.PixelLinear(), task="classification", mesh=mesh)
+fn = identify.make_identify_fn(P.PixelLinear(), task="classification", mesh=mesh)
 params = sharding.replicate(P.params(), mesh)
-out = driver.identify(fn, params, {}, P.SPARSITIES,
-                      eval_batches(source, global_batch=16, preprocess=pre), mesh)
+out = identify.identify_samples(fn, params, {}, P.SPARSITIES,
+                                eval_batches(source, global_batch=16, preprocess=pre), mesh)
 g = sharding.to_global(next(eval_batches(source, global_batch=16, preprocess=pre)), mesh)
-res = fn(params, driver.I.level_masks(params, P.SPARSITIES), {}, g)
+res = fn(params, identify.level_masks(params, P.SPARSITIES), {}, g)
 print(json.dumps({"htl": np.flatnonzero(out["htl"]).tolist(), "index": out["index"].tolist(),
                   "devices": jax.device_count(),
                   "shards": len(res["score"].sharding.device_set)}))

@@ -11,6 +11,8 @@ def make_kill_hook(workdir: str, wait_for: int, kill_at: int):
     def kill_hook(step, state):
         if step != kill_at:
             return
+        if wait_for <= 0:  # no checkpoint to wait for: die before the first one commits
+            os.kill(os.getpid(), signal.SIGKILL)
         marker = os.path.join(workdir, "checkpoints", str(wait_for), "commit_success.txt")
         deadline = time.time() + 60
         while not os.path.exists(marker) and time.time() < deadline:

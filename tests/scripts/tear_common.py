@@ -26,7 +26,7 @@ def make_state_and_step(name, *, strong_fn=None, hyper=None, lr=1e-2):
                       num_slots=SLOTS, num_unlabeled=SLOTS - B, feature_dim=16)
     labels = np.arange(SLOTS, dtype=np.int32) % C
     step = make_ssl_step(model, tx, alg, hp, unlabeled_labels=labels, strong_fn=strong_fn)
-    return create_ssl_state(base, mem), step
+    return create_ssl_state(base, mem, SLOTS), step
 
 
 def fake_batch(seed=0, supervised=False):

@@ -1,7 +1,10 @@
 """BiasPruner (MICCAI 2024) and its continual-learning comparison, on the trainer kit.
 
-  continual.py    the frame: tasks, heads, phases on the shared loop, sharded task-agnostic
-                  evaluation, per-task orbax checkpoints, the driver
+  tasks.py        the task sequence: class groups of one dataset or one split file per task
+  frame.py        the continual frame: heads, the run's `TaskSequence`, phases through
+                  `train.run.fit`, task selection and sharded task-agnostic evaluation
+  run.py          the driver: the comparison (`train.comparison`), one method through the
+                  tasks with per-task orbax checkpoints, its result
   subnetworks.py  BiasPruner, its magnitude ablation and PackNet: per-task subnetworks as one
                   stacked pytree and module-level jitted steps over it
   baselines.py    fine-tune, joint, EWC, LwF on one shared network
@@ -13,7 +16,12 @@ Spec: ../shared/specs/biaspruner.md.
 
 from __future__ import annotations
 
-from jaxmed.methods.biaspruner import baselines, continual, lff, subnetworks
+import ml_collections
+
+from jaxmed.data import synthetic_bias
+from jaxmed.methods import supervised
+from jaxmed.methods.biaspruner import baselines, frame, lff, run, subnetworks
+from jaxmed.train import comparison
 
 ALL_METHODS = ("biaspruner", "biaspruner_magnitude", "packnet", "finetune", "joint", "ewc",
                "lwf", "lff")
@@ -26,9 +34,54 @@ METHODS = {
     "lff": lff.method(),
 }
 
+# Which methods and seeds run, and how the subnetworks are batched at inference (the same
+# predictions either way), never change a sub-run's results.
+HARMLESS_KEYS = ("continual.task_axis", *comparison.harmless_keys(run.SECTION))
 
-def default_config():
-    c = continual.default_config()
+
+def default_config() -> ml_collections.ConfigDict:
+    c = supervised.default_config()
+    c.method = "biaspruner"
+    c.continual = ml_collections.ConfigDict(dict(
+        tasks=((0, 1), (2, 3)),  # class groups of one dataset, one tuple per task
+        task_split_files=(),  # or one reference split file per task
+        methods=("biaspruner",),  # any of biaspruner, biaspruner_magnitude, packnet,
+        # finetune, joint, ewc, lwf, lff: all run on the same tasks, compared in the report
+        seeds=(0,),  # every method runs once per seed (config.seed = each); report: mean +- SE
+        sensitive_attr="bias",  # attribute for fairness (synthetic: 'bias'; fitz: skin_group;
+        # '' = none: fairness metrics are NaN)
+        positive_class=1,  # within-task label counted as positive for TPR / FPR
+        biased_epochs=4,  # BiasPruner / PackNet first phase (GCE / CE on free units)
+        finetune_epochs=4,  # second phase (subnetwork fine-tuning)
+        gamma=0.3,  # fraction of units (BiasPruner) / free weights (PackNet) pruned per task
+        gce_q=0.7,
+        alpha=0.0,  # > 0: fine-tune weights each sample by exp(alpha * its GCE loss)
+        # True: then rescale the weights of the samples the GCE model gets wrong (S_bc) so that
+        # they carry the same total weight as the rest (S_ba), as JTT's upweighting: with few
+        # conflicting samples exp(alpha * GCE) alone makes them dominate and the subnetwork
+        # learns the colour the other way round (subnetworks.finetune_weights)
+        balance_groups=False,
+        ewc_lambda=100.0,
+        ewc_samples=256,
+        lwf_lambda=1.0,
+        lwf_temperature=2.0,
+        lff_ema=0.7,  # LfF: EMA of the per-sample losses (the LfF code's ema_alpha)
+        # Subnetworks at inference, all in one program: 'map' (lax.map, one after another) or
+        # 'vmap' (batched over the stacked masks, which turns the convolutions into grouped
+        # ones: slower in every measurement, benchmarks/RESULTS.md).
+        task_axis="map",
+        # How task-agnostic inference picks the task: 'entropy' (the paper: the lowest
+        # normalised predictive entropy) or 'bn', for the methods that store BatchNorm per task
+        # (biaspruner, biaspruner_magnitude, packnet): the lowest negative log-likelihood of the
+        # image's stem activations under each task's stored stem statistics (`subnetworks`
+        # docstring; the single-network baselines keep 'entropy'). Entropy picks the wrong
+        # task most of the time on the synthetic sequence: benchmarks/RESULTS.md.
+        task_selection="entropy",
+    ))
+    c.train.optimizer = "adam"
+    c.train.lr = 1e-4
+    c.train.weight_decay = 5e-4
+    c.data.synthetic_bias = synthetic_bias.default_config()  # read when data.name selects it
     c.model.name = "resnet56"
     return c
 
@@ -56,8 +109,6 @@ def check_config(config) -> None:
     tuples (a comma string would be read character by character), and the learning rate is
     constant (each phase builds its optimizer without a total length, so a decaying schedule
     would reach 0 after its warm-up)."""
-    from jaxmed.train import comparison
-
     cc = config.continual
     comparison.check_methods_and_seeds(cc.methods, cc.seeds, ALL_METHODS, "continual")
     for key in ("tasks", "task_split_files"):
@@ -66,9 +117,9 @@ def check_config(config) -> None:
     if not cc.task_split_files and not all(isinstance(t, (tuple, list)) for t in cc.tasks):
         raise ValueError(f"config.continual.tasks={cc.tasks!r} must be a tuple of class tuples, "
                          "e.g. ((0, 1), (2, 3))")
-    if cc.task_selection not in continual.TASK_SELECTIONS:
+    if cc.task_selection not in frame.TASK_SELECTIONS:
         raise ValueError(f"config.continual.task_selection={cc.task_selection!r}: use one of "
-                         f"{continual.TASK_SELECTIONS}")
+                         f"{frame.TASK_SELECTIONS}")
     if config.train.schedule != "constant":
         raise ValueError(f"config.train.schedule={config.train.schedule!r}: continual phases "
                          "use a constant learning rate (set 'constant')")
@@ -76,8 +127,8 @@ def check_config(config) -> None:
 
 def train_and_evaluate(config, workdir: str) -> dict:
     check_config(config)
-    return continual.run(config, workdir, METHODS)
+    return run.run(config, workdir, METHODS, harmless=HARMLESS_KEYS)
 
 
-__all__ = ["ALL_METHODS", "METHODS", "check_config", "default_config", "real_data_config",
-           "train_and_evaluate"]
+__all__ = ["ALL_METHODS", "HARMLESS_KEYS", "METHODS", "check_config", "default_config",
+           "real_data_config", "train_and_evaluate"]

@@ -4,8 +4,8 @@ bound), joint training on every task so far (upper bound), EWC (diagonal Fisher)
 (subnetworks.py). Each trains biased_epochs + finetune_epochs epochs per task, BiasPruner's
 budget, with the same optimizer; BatchNorm is shared (as in the papers).
 
-What changes is the `Shared` pytree (params, BN statistics, the accumulated Fisher and its
-anchor); the LwF teacher is the state before the task. The step, the Fisher pass and inference
+What changes is the `SharedNetwork` pytree (params, BN statistics, the accumulated Fisher and
+its anchor); the LwF teacher is the state before the task. The step, the Fisher pass and inference
 are module-level jitted functions of it; the kind ('finetune', 'joint', 'ewc', 'lwf') and the
 loss weights are static values.
 """
@@ -24,14 +24,16 @@ import numpy as np
 import optax
 
 from jaxmed import losses
-from jaxmed.methods.biaspruner import continual
+from jaxmed.data.sources import ConcatSource
+from jaxmed.methods.biaspruner import frame
 from jaxmed.train import build, sharding, steps
+from jaxmed.train.hyper import FromConfig
 
 KINDS = ("finetune", "joint", "ewc", "lwf")
 
 
 @flax.struct.dataclass
-class Shared:
+class SharedNetwork:
     """params: {'backbone', 'heads' ([T, F, C_max] / [T, C_max])}; stats: batch_stats;
     fisher: accumulated diagonal Fisher of the tasks so far (backbone-shaped; zeros unless EWC);
     anchor: the backbone after the last task (EWC's centre); cmask: [T, C_max]; stored: tasks
@@ -46,7 +48,7 @@ class Shared:
 
 
 @flax.struct.dataclass
-class Extras:
+class TaskInputs:
     """What one task's step reads besides the train state: trainable mask, the task, the LwF
     teacher (params and stats of the model before the task) and EWC's Fisher and anchor."""
 
@@ -60,49 +62,52 @@ class Extras:
 
 
 @dataclasses.dataclass(frozen=True)
-class Setup:
+class Setup(FromConfig):
+    """Static values of one run: the model, the optimizer, the kind, and the loss weights
+    named as their `config.continual` keys."""
+
     model: Any
     tx: Any
     kind: str
     ewc_lambda: float
     lwf_lambda: float
-    temperature: float
+    lwf_temperature: float
     ewc_samples: int
 
 
 @functools.partial(jax.jit, static_argnames=("model", "tx", "kind", "ewc_lambda", "lwf_lambda",
                                              "temperature", "mesh"), donate_argnums=0)
-def train_step(state, batch, extras: Extras, *, model, tx, kind: str, ewc_lambda: float,
+def train_step(state, batch, inputs: TaskInputs, *, model, tx, kind: str, ewc_lambda: float,
                lwf_lambda: float, temperature: float, mesh):
     """CE on each sample's own task head, plus EWC's quadratic penalty or LwF's distillation
     on every earlier task's head."""
     steps.check_batch(batch)
 
     def loss_fn(params):
-        feats, new_stats = continual.features(model, params["backbone"], state.batch_stats,
-                                     batch["image"], train=True)
-        all_logits = continual.head_logits(feats, params["heads"], extras.cmask)
-        logits = continual.pick(all_logits, batch["attrs"]["task"])
+        feats, new_stats = frame.features(model, params["backbone"], state.batch_stats,
+                                          batch["image"], train=True)
+        all_logits = frame.head_logits(feats, params["heads"], inputs.cmask)
+        logits = frame.pick(all_logits, batch["attrs"]["task"])
         loss = losses.weighted_mean(losses.cross_entropy(logits, batch["label"]),
                                     batch["valid"])
         if kind == "ewc":
-            penalty = jax.tree.map(lambda f, p, a: jnp.sum(f * (p - a) ** 2), extras.fisher,
-                                   params["backbone"], extras.anchor)
+            penalty = jax.tree.map(lambda f, p, a: jnp.sum(f * (p - a) ** 2), inputs.fisher,
+                                   params["backbone"], inputs.anchor)
             loss += ewc_lambda / 2 * sum(jax.tree.leaves(penalty))
         if kind == "lwf":
-            old_feats, _ = continual.features(model, extras.teacher["backbone"],
-                                              extras.teacher_stats, batch["image"], train=False)
-            old = continual.head_logits(old_feats, extras.teacher["heads"], extras.cmask)
+            old_feats, _ = frame.features(model, inputs.teacher["backbone"],
+                                          inputs.teacher_stats, batch["image"], train=False)
+            old = frame.head_logits(old_feats, inputs.teacher["heads"], inputs.cmask)
             # KD on every earlier task's head (their classes only).
             kd = jax.vmap(lambda s, o: losses.kd(s, o, temperature), in_axes=1, out_axes=1)(
                 all_logits, jax.lax.stop_gradient(old))
-            earlier = (jnp.arange(all_logits.shape[1]) < extras.task).astype(jnp.float32)
+            earlier = (jnp.arange(all_logits.shape[1]) < inputs.task).astype(jnp.float32)
             loss += lwf_lambda * losses.weighted_mean(jnp.sum(kd * earlier[None], -1),
                                                       batch["valid"])
         return loss, new_stats
 
     (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(tx, grads, trainable=extras.trainable, batch_stats=new_stats)
+    state = state.apply_gradients(tx, grads, trainable=inputs.trainable, batch_stats=new_stats)
     out = (state, {"loss": loss, "grad_norm": optax.tree.norm(grads)})
     return jax.lax.with_sharding_constraint(out, sharding.replicated(mesh))
 
@@ -112,8 +117,8 @@ def squared_grads(params, stats, task, cmask, batch, *, model):
     """Sum over the batch's valid samples of the squared per-sample gradient of the true
     label's log-likelihood (backbone-shaped), and the number of samples."""
     def nll(p, x, y):
-        f, _ = continual.features(model, p, stats, x[None], train=False)
-        lg = jnp.take(continual.head_logits(f, params["heads"], cmask)[0], task, axis=0)
+        f, _ = frame.features(model, p, stats, x[None], train=False)
+        lg = jnp.take(frame.head_logits(f, params["heads"], cmask)[0], task, axis=0)
         return -jax.nn.log_softmax(lg)[y]
 
     g = jax.vmap(jax.grad(nll), in_axes=(None, 0, 0))(params["backbone"], batch["image"],
@@ -123,90 +128,90 @@ def squared_grads(params, stats, task, cmask, batch, *, model):
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def predict_batch(state: Shared, batch, valid_tasks, *, model):
-    """Every head's logits, then entropy task selection (`continual.decide`), in one program."""
+def predict_batch(state: SharedNetwork, batch, valid_tasks, *, model):
+    """Every head's logits, then entropy task selection (`frame.decide`), in one program."""
     chex.assert_rank(batch["image"], 4)
     chex.assert_shape(valid_tasks, (state.cmask.shape[0],))
-    feats, _ = continual.features(model, state.params["backbone"], state.stats, batch["image"],
-                         train=False)
-    logits = continual.head_logits(feats, state.params["heads"], state.cmask)
-    return continual.decide(logits, state.cmask, valid_tasks)
+    feats, _ = frame.features(model, state.params["backbone"], state.stats, batch["image"],
+                              train=False)
+    logits = frame.head_logits(feats, state.params["heads"], state.cmask)
+    return frame.decide(logits, state.cmask, valid_tasks)
 
 
-def predict(setup: Setup, state: Shared, batch, *, valid_tasks):
+def predict(setup: Setup, state: SharedNetwork, batch, *, valid_tasks):
     return predict_batch(state, batch, valid_tasks, model=setup.model)
 
 
-def init(env: continual.Env, kind: str) -> tuple[Setup, Shared]:
+def init(seq: frame.TaskSequence, kind: str) -> tuple[Setup, SharedNetwork]:
     if kind not in KINDS:
         raise ValueError(f"baseline kind must be one of {KINDS}, got {kind!r}")
-    cfg, cc = env.config, env.config.continual
+    cfg, cc = seq.config, seq.config.continual
     model = build.build_model(cfg.model, 1)
     rng = jax.random.PRNGKey(cfg.seed)
-    v = build.init_variables(model, cfg.model, rng, env.image_shape)
+    v = build.init_variables(model, cfg.model, rng, seq.image_shape)
     feats = jax.eval_shape(lambda v, x: model.apply(v, x, features=True)[1], v,
-                           jnp.zeros((1, *env.image_shape)))
+                           jnp.zeros((1, *seq.image_shape)))
     backbone = jax.tree.map(np.asarray, v["params"])
-    heads = jax.device_get(continual.init_heads(jax.random.fold_in(rng, 1), env.num_tasks,
-                                                feats.shape[-1], env.max_classes))
-    state = Shared(params={"backbone": backbone, "heads": heads}, stats=v["batch_stats"],
-                   fisher=jax.tree.map(np.zeros_like, backbone), anchor=backbone,
-                   cmask=env.cmask, stored=np.int32(0))
-    setup = Setup(model, build.make_optimizer(cfg.train, 1), kind, float(cc.ewc_lambda),
-                  float(cc.lwf_lambda), float(cc.lwf_temperature), int(cc.ewc_samples))
+    heads = jax.device_get(frame.init_heads(jax.random.fold_in(rng, 1), seq.num_tasks,
+                                            feats.shape[-1], seq.max_classes))
+    state = SharedNetwork(params={"backbone": backbone, "heads": heads},
+                          stats=v["batch_stats"], fisher=jax.tree.map(np.zeros_like, backbone),
+                          anchor=backbone, cmask=seq.cmask, stored=np.int32(0))
+    setup = Setup.from_config(cc, model=model, tx=build.make_optimizer(cfg.train, 1), kind=kind)
     return setup, state
 
 
-def train_task(env: continual.Env, setup: Setup, state: Shared, t: int, workdir: str) -> Shared:
-    cfg = env.config
+def train_task(seq: frame.TaskSequence, setup: Setup, state: SharedNetwork, t: int,
+               workdir: str) -> SharedNetwork:
+    cfg = seq.config
     cc = cfg.continual
     s = jax.device_get(state)
-    source = env.tasks[t].splits["train"]
+    source = seq.tasks[t].splits["train"]
     if setup.kind == "joint":
-        source = continual.ConcatSource([x.splits["train"] for x in env.tasks[: t + 1]])
-    tasks = np.arange(env.num_tasks)
+        source = ConcatSource([x.splits["train"] for x in seq.tasks[: t + 1]])
+    tasks = np.arange(seq.num_tasks)
     heads = tasks <= t if setup.kind == "joint" else tasks == t
     trainable = {"backbone": jax.tree.map(lambda _: np.ones((), bool), s.params["backbone"]),
                  "heads": {"kernel": heads[:, None, None], "bias": heads[:, None]}}
     lwf, ewc = setup.kind == "lwf", setup.kind == "ewc"  # only what the kind reads goes to devices
-    extras = env.replicate(Extras(trainable, np.int32(t), s.params if lwf else None,
-                                  s.stats if lwf else None, s.fisher if ewc else None,
-                                  s.anchor if ewc else None, s.cmask))
-    ts = continual.state_from(s.params, s.stats, setup.tx, jax.random.PRNGKey(cfg.seed + t))
-    step = functools.partial(train_step, extras=extras, model=setup.model, tx=setup.tx,
+    inputs = seq.replicate(TaskInputs(trainable, np.int32(t), s.params if lwf else None,
+                                      s.stats if lwf else None, s.fisher if ewc else None,
+                                      s.anchor if ewc else None, s.cmask))
+    ts = frame.state_from(s.params, s.stats, setup.tx, jax.random.PRNGKey(cfg.seed + t))
+    step = functools.partial(train_step, inputs=inputs, model=setup.model, tx=setup.tx,
                              kind=setup.kind, ewc_lambda=setup.ewc_lambda,
-                             lwf_lambda=setup.lwf_lambda, temperature=setup.temperature,
-                             mesh=env.mesh)
-    ts = continual.run_phase(env, f"{workdir}/train", ts, step, source,
-                             cc.biased_epochs + cc.finetune_epochs, cfg.seed + 10 * t)
+                             lwf_lambda=setup.lwf_lambda, temperature=setup.lwf_temperature,
+                             mesh=seq.mesh)
+    ts = frame.run_phase(seq, f"{workdir}/train", ts, step, source,
+                         cc.biased_epochs + cc.finetune_epochs, cfg.seed + 10 * t)
     params, stats = jax.device_get((ts.params, ts.batch_stats))
     fisher, anchor = s.fisher, s.anchor
     if setup.kind == "ewc":
-        f = fisher_of(env, setup, params, stats, t, s.cmask, env.tasks[t].splits["train"])
+        f = fisher_of(seq, setup, params, stats, t, s.cmask, seq.tasks[t].splits["train"])
         fisher = jax.tree.map(np.add, fisher, f)
         anchor = params["backbone"]
-    return Shared(params=params, stats=stats, fisher=fisher, anchor=anchor, cmask=s.cmask,
-                  stored=np.int32(t + 1))
+    return SharedNetwork(params=params, stats=stats, fisher=fisher, anchor=anchor,
+                         cmask=s.cmask, stored=np.int32(t + 1))
 
 
-def fisher_of(env, setup: Setup, params, stats, t: int, cmask, source):
+def fisher_of(seq, setup: Setup, params, stats, t: int, cmask, source):
     """Diagonal empirical Fisher of task t: mean squared per-sample gradient of the
     log-likelihood of the true label, over the first batches of at least ewc_samples training
     samples (batches of 16, or one row per device; summed on device, fetched once)."""
-    rep = env.replicate((params, stats, np.int32(t), cmask))
-    n = env.mesh.devices.size
+    rep = seq.replicate((params, stats, np.int32(t), cmask))
+    n = seq.mesh.devices.size
     size = n * -(-16 // n)  # at least 16 and a multiple of the device count
     total, counts = None, []
-    for i, b in enumerate(env.batches(source, size)):
+    for i, b in enumerate(seq.batches(source, size)):
         if i * size >= setup.ewc_samples:  # the same number of batches on every process
             break
-        sq, k = squared_grads(*rep, sharding.to_global(b, env.mesh), model=setup.model)
+        sq, k = squared_grads(*rep, sharding.to_global(b, seq.mesh), model=setup.model)
         total = sq if total is None else jax.tree.map(jnp.add, total, sq)
         counts.append(k)
     total, counts = sharding.to_host((total, counts))
     return jax.tree.map(lambda x: np.asarray(x) / max(float(np.sum(counts)), 1.0), total)
 
 
-def method(kind: str) -> continual.Method:
-    return continual.Method(build=functools.partial(init, kind=kind), train_task=train_task,
-                            predict=predict)
+def method(kind: str) -> frame.Method:
+    return frame.Method(build=functools.partial(init, kind=kind), train_task=train_task,
+                        predict=predict)

@@ -33,8 +33,9 @@ import numpy as np
 import optax
 
 from jaxmed import losses
-from jaxmed.methods.biaspruner import baselines, continual
+from jaxmed.methods.biaspruner import baselines, frame
 from jaxmed.train import build, sharding, steps
+from jaxmed.train.hyper import FromConfig
 
 
 @flax.struct.dataclass
@@ -56,11 +57,14 @@ class LfFState:
 
 
 @dataclasses.dataclass(frozen=True)
-class Setup:
+class Setup(FromConfig):
+    """Static values of one run: the model, the optimizer, GCE's q and the memories' EMA
+    (`config.continual` keys)."""
+
     model: Any
     tx: Any
     gce_q: float
-    ema: float
+    lff_ema: float
 
 
 def ema_update(memory, updated, index, value, valid, alpha: float):
@@ -90,18 +94,18 @@ def relative_difficulty(ema_b, ema_d, labels, index, y, num_classes: int):
 
 @functools.partial(jax.jit, static_argnames=("model", "tx", "gce_q", "ema", "mesh"),
                    donate_argnums=0)
-def train_step(state: LfFState, batch, extras, *, model, tx, gce_q: float, ema: float, mesh):
-    """Both models one step on task `extras['task']`: GCE for the biased model, CE x W(x) for
+def train_step(state: LfFState, batch, inputs, *, model, tx, gce_q: float, ema: float, mesh):
+    """Both models one step on task `inputs['task']`: GCE for the biased model, CE x W(x) for
     the debiased one, the memories updated with this batch's (detached) CE first."""
     steps.check_batch(batch)
     y, index, valid = batch["label"], batch["index"], batch["valid"]
-    num_classes = extras["cmask"].shape[1]
+    num_classes = inputs["cmask"].shape[1]
 
     def logits_of(params, stats):
-        feats, new = continual.features(model, params["backbone"], stats, batch["image"],
-                                         train=True)
-        all_logits = continual.head_logits(feats, params["heads"], extras["cmask"])
-        return jnp.take(all_logits, extras["task"], axis=1), new
+        feats, new = frame.features(model, params["backbone"], stats, batch["image"],
+                                    train=True)
+        all_logits = frame.head_logits(feats, params["heads"], inputs["cmask"])
+        return jnp.take(all_logits, inputs["task"], axis=1), new
 
     def loss_fn(params):
         lb, stats_b = logits_of(params["biased"], state.batch_stats["biased"])
@@ -119,7 +123,7 @@ def train_step(state: LfFState, batch, extras, *, model, tx, gce_q: float, ema: 
     (loss, (stats, ema_b, ema_d, upd, w)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, masks=None,
-                                   trainable=extras["trainable"])
+                                   trainable=inputs["trainable"])
     state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                           batch_stats=stats, opt_state=opt_state, ema_b=ema_b, ema_d=ema_d,
                           updated=upd)
@@ -129,54 +133,53 @@ def train_step(state: LfFState, batch, extras, *, model, tx, gce_q: float, ema: 
     return jax.lax.with_sharding_constraint((state, metrics), sharding.replicated(mesh))
 
 
-def init(env: continual.Env) -> tuple[Setup, baselines.Shared]:
-    bsetup, state = baselines.init(env, "finetune")
-    cc = env.config.continual
-    return Setup(bsetup.model, bsetup.tx, float(cc.gce_q), float(cc.lff_ema)), state
+def init(seq: frame.TaskSequence) -> tuple[Setup, baselines.SharedNetwork]:
+    bsetup, state = baselines.init(seq, "finetune")
+    return Setup.from_config(seq.config.continual, model=bsetup.model, tx=bsetup.tx), state
 
 
-def task_labels(env: continual.Env, t: int) -> np.ndarray:
+def task_labels(seq: frame.TaskSequence, t: int) -> np.ndarray:
     """Within-task label of every record index of task t's training set, -1 elsewhere."""
-    src = env.tasks[t].splits["train"]
-    table = np.full(env.index_bound, -1, np.int32)
+    src = seq.tasks[t].splits["train"]
+    table = np.full(seq.index_bound, -1, np.int32)
     for i in range(len(src)):
         rec = src[i]
         table[int(rec["index"])] = int(rec["label"])
     return table
 
 
-def train_task(env: continual.Env, setup: Setup, state: baselines.Shared, t: int,
-               workdir: str) -> baselines.Shared:
-    cfg, cc = env.config, env.config.continual
+def train_task(seq: frame.TaskSequence, setup: Setup, state: baselines.SharedNetwork, t: int,
+               workdir: str) -> baselines.SharedNetwork:
+    cfg, cc = seq.config, seq.config.continual
     s = jax.device_get(state)
     fresh = build.init_variables(setup.model, cfg.model, jax.random.PRNGKey(cfg.seed + 7919 + t),
-                                 env.image_shape)
+                                 seq.image_shape)
     params = {"biased": {"backbone": jax.tree.map(np.asarray, fresh["params"]),
                          "heads": s.params["heads"]},
               "debiased": s.params}
     stats = {"biased": jax.device_get(fresh["batch_stats"]), "debiased": s.stats}
-    head = np.arange(env.num_tasks) == t
+    head = np.arange(seq.num_tasks) == t
     trainable = jax.tree.map(lambda _: np.ones((), bool), params)
     for m in ("biased", "debiased"):
         trainable[m]["heads"] = {"kernel": head[:, None, None], "bias": head[:, None]}
-    zeros = np.zeros(env.index_bound, np.float32)
+    zeros = np.zeros(seq.index_bound, np.float32)
     ts = LfFState(step=np.int32(0), params=params, batch_stats=stats,
                   opt_state=setup.tx.init(params), ema_b=zeros, ema_d=zeros.copy(),
-                  updated=zeros.copy(), labels=task_labels(env, t),
+                  updated=zeros.copy(), labels=task_labels(seq, t),
                   rng=jax.random.PRNGKey(cfg.seed + t))
-    extras = env.replicate({"trainable": trainable, "task": np.int32(t), "cmask": s.cmask})
-    step = functools.partial(train_step, extras=extras, model=setup.model, tx=setup.tx,
-                             gce_q=setup.gce_q, ema=setup.ema, mesh=env.mesh)
-    ts = continual.run_phase(env, f"{workdir}/train", ts, step, env.tasks[t].splits["train"],
-                             cc.biased_epochs + cc.finetune_epochs, cfg.seed + 10 * t)
+    inputs = seq.replicate({"trainable": trainable, "task": np.int32(t), "cmask": s.cmask})
+    step = functools.partial(train_step, inputs=inputs, model=setup.model, tx=setup.tx,
+                             gce_q=setup.gce_q, ema=setup.lff_ema, mesh=seq.mesh)
+    ts = frame.run_phase(seq, f"{workdir}/train", ts, step, seq.tasks[t].splits["train"],
+                         cc.biased_epochs + cc.finetune_epochs, cfg.seed + 10 * t)
     params, stats = jax.device_get((ts.params["debiased"], ts.batch_stats["debiased"]))
-    return baselines.Shared(params=params, stats=stats, fisher=s.fisher, anchor=s.anchor,
-                            cmask=s.cmask, stored=np.int32(t + 1))
+    return baselines.SharedNetwork(params=params, stats=stats, fisher=s.fisher,
+                                   anchor=s.anchor, cmask=s.cmask, stored=np.int32(t + 1))
 
 
-def predict(setup: Setup, state: baselines.Shared, batch, *, valid_tasks):
+def predict(setup: Setup, state: baselines.SharedNetwork, batch, *, valid_tasks):
     return baselines.predict_batch(state, batch, valid_tasks, model=setup.model)
 
 
-def method() -> continual.Method:
-    return continual.Method(build=init, train_task=train_task, predict=predict)
+def method() -> frame.Method:
+    return frame.Method(build=init, train_task=train_task, predict=predict)

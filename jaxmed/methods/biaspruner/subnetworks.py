@@ -48,15 +48,13 @@ Decisions the paper leaves open:
     debiased one on its own: benchmarks/RESULTS.md), while the statistics every task stores
     anyway (step 6) tell the tasks apart.
   - Fine-tune weights (`continual.balance_groups`, our addition): exp(alpha * GCE) alone
-    gives the hard samples a total weight set by their count and alpha (81 of 3,000 hard at
-    alpha 4: 88% of the total). On the synthetic sequence the subnetwork then memorised those
-    few images instead of learning the true cue on 3 of 4 seeds (test accuracy on conflicting
-    images 0.21-0.81) or, with flips and shifts, learnt the colour the other way round
-    (aligned 0.62-0.85 < conflicting 0.97-0.99 on 3 of 4 seeds). Balancing the two groups'
-    totals, as JTT's upweighting does, leaves the colour uninformative in the weighted
-    training set whatever the counts; within each group exp(alpha * GCE) still ranks the
-    harder samples higher. Off by default (the paper's weighting); the synthetic benchmark
-    turns it on (measured: configs/biaspruner/benchmark.py).
+    gives the hard samples a total weight set by their count and alpha, most of the total
+    when they are few. On the synthetic sequence the subnetwork then memorised those few
+    images instead of learning the true cue or, with flips and shifts, learnt the colour the
+    other way round. Balancing the two groups' totals, as JTT's upweighting does, leaves the
+    colour uninformative in the weighted training set whatever the counts; within each group
+    exp(alpha * GCE) still ranks the harder samples higher. Off by default (the paper's
+    weighting); the synthetic benchmark turns it on (measured: configs/biaspruner/benchmark.py).
   - The ablation 'magnitude' changes only the ranking (filter L1 norm, the lowest pruned): the
     GCE phase and the fine-tuning weights (exp(alpha * GCE), balanced or not) stay, so the
     two differ in which units are removed and nothing else.
@@ -79,13 +77,14 @@ import optax
 
 from jaxmed import losses
 from jaxmed.data import augment
-from jaxmed.methods.biaspruner import continual
+from jaxmed.methods.biaspruner import frame
 from jaxmed.models.common import sown
 from jaxmed.pruning import criteria, structured
-from jaxmed.pruning.sweep import check_axis, over_stack
+from jaxmed.stacking import check_axis, over_stack
 from jaxmed.pruning.masks import apply_masks
 from jaxmed.train import build, sharding, steps
 from jaxmed.train.evaluate import predict as predict_sharded
+from jaxmed.train.hyper import FromConfig
 
 log = logging.getLogger(__name__)
 FREE = np.int32(2**30)  # owner of a weight no task holds yet
@@ -181,18 +180,19 @@ class Phase:
 
 
 @dataclasses.dataclass(frozen=True)
-class Setup:
-    """Static values of one run (hashable: passed to jit as static arguments)."""
+class Setup(FromConfig):
+    """Static values of one run (hashable: passed to jit as static arguments); the
+    hyper-parameters are named as their `config.continual` keys."""
 
     model: Any
     tx: Any
     selection: str
+    by_bn: bool  # task selection by the stem likelihood (continual.task_selection == 'bn')
     task_axis: str
     gce_q: float
     gamma: float
     alpha: float
-    balance: bool = False  # continual.balance_groups
-    by_bn: bool = False  # task selection by the stem likelihood (continual.task_selection)
+    balance_groups: bool
 
 
 def task_masks(backbone, channel_t, owner, t, packnet: bool):
@@ -216,9 +216,9 @@ def train_step(state, batch, phase: Phase, *, model, tx, gce_q: float, mesh):
 
     def loss_fn(params):
         masked = apply_masks(params["backbone"], phase.masks)
-        feats, new_stats = continual.features(model, masked, state.batch_stats, batch["image"],
-                                     train=True)
-        logits = jnp.take(continual.head_logits(feats, params["heads"], phase.cmask),
+        feats, new_stats = frame.features(model, masked, state.batch_stats, batch["image"],
+                                          train=True)
+        logits = jnp.take(frame.head_logits(feats, params["heads"], phase.cmask),
                           phase.task, axis=1)
         per = (losses.gce(logits, batch["label"], gce_q) if gce_q > 0
                else losses.cross_entropy(logits, batch["label"]))
@@ -240,7 +240,7 @@ def score_batch(params, stats, task, cmask, batch, *, model, gce_q: float):
     x = augment.normalize(batch["image"])
     (_, feats), inter = model.apply({"params": params["backbone"], "batch_stats": stats}, x,
                                     train=False, features=True, mutable=["intermediates"])
-    logits = jnp.take(continual.head_logits(feats, params["heads"], cmask), task, axis=1)
+    logits = jnp.take(frame.head_logits(feats, params["heads"], cmask), task, axis=1)
     p_y = jnp.exp(-losses.cross_entropy(logits, batch["label"]))
     out = {"correct": jnp.argmax(logits, -1) == batch["label"],
            "gce": (1.0 - p_y**gce_q) / gce_q}
@@ -290,7 +290,7 @@ def _all_logits(state: Subnetworks, images, *, model, task_axis: str, packnet: b
     logits, nll = over_stack(one, (state.task_bn, state.task_stats, state.channel,
                                    state.heads["kernel"], state.heads["bias"],
                                    jnp.arange(num_tasks)), task_axis)
-    return (jnp.where(state.cmask[None], jnp.transpose(logits, (1, 0, 2)), continual.NEG),
+    return (jnp.where(state.cmask[None], jnp.transpose(logits, (1, 0, 2)), frame.NEG),
             nll.T)
 
 
@@ -301,13 +301,13 @@ all_logits = jax.jit(_all_logits, static_argnames=("model", "task_axis", "packne
 def predict_batch(state: Subnetworks, batch, valid_tasks, *, model, task_axis: str,
                   packnet: bool, by_bn: bool):
     """Task-agnostic inference of a global batch: all subnetworks, then task selection among
-    `valid_tasks` by entropy or, `by_bn`, by the stem likelihood (`continual.decide`), in one
+    `valid_tasks` by entropy or, `by_bn`, by the stem likelihood (`frame.decide`), in one
     program."""
     chex.assert_rank(batch["image"], 4)
     chex.assert_shape(valid_tasks, (state.cmask.shape[0],))
     logits, nll = _all_logits(state, batch["image"], model=model, task_axis=task_axis,
                               packnet=packnet)
-    return continual.decide(logits, state.cmask, valid_tasks, nll if by_bn else None)
+    return frame.decide(logits, state.cmask, valid_tasks, nll if by_bn else None)
 
 
 def predict(setup: Setup, state: Subnetworks, batch, *, valid_tasks):
@@ -317,8 +317,8 @@ def predict(setup: Setup, state: Subnetworks, batch, *, valid_tasks):
 
 
 # ---------------------------------------------------------------------------------- build
-def init(env: continual.Env, selection: str) -> tuple[Setup, Subnetworks]:
-    cfg = env.config
+def init(seq: frame.TaskSequence, selection: str) -> tuple[Setup, Subnetworks]:
+    cfg = seq.config
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     if not cfg.model.name.startswith("resnet"):
@@ -327,10 +327,10 @@ def init(env: continual.Env, selection: str) -> tuple[Setup, Subnetworks]:
     check_axis(cfg.continual.task_axis, "config.continual.task_axis")
     model = build.build_model(cfg.model, 1)  # heads live outside the model
     rng = jax.random.PRNGKey(cfg.seed)
-    v = build.init_variables(model, cfg.model, rng, env.image_shape)
+    v = build.init_variables(model, cfg.model, rng, seq.image_shape)
     feats = jax.eval_shape(lambda v, x: model.apply(v, x, features=True)[1], v,
-                           jnp.zeros((1, *env.image_shape)))
-    t_max = env.num_tasks
+                           jnp.zeros((1, *seq.image_shape)))
+    t_max = seq.num_tasks
     backbone = jax.tree.map(np.asarray, v["params"])
     def stack(tree):  # one copy per task
         return jax.tree.map(lambda x: np.repeat(np.asarray(x)[None], t_max, 0), tree)
@@ -340,20 +340,19 @@ def init(env: continual.Env, selection: str) -> tuple[Setup, Subnetworks]:
         backbone=backbone,
         task_bn=stack(subset(backbone, is_bn)),
         task_stats=stack(v["batch_stats"]),
-        heads=jax.device_get(continual.init_heads(jax.random.fold_in(rng, 1), t_max,
-                                                  feats.shape[-1], env.max_classes)),
+        heads=jax.device_get(frame.init_heads(jax.random.fold_in(rng, 1), t_max,
+                                              feats.shape[-1], seq.max_classes)),
         channel=_unflat({u.name: np.ones((t_max, u.width), bool) for u in units}),
         owner=jax.tree.map(lambda x: np.full(np.shape(x), FREE, np.int32),
                            subset(backbone, is_shared_kernel)),
-        cmask=env.cmask,
+        cmask=seq.cmask,
         split_counts=np.zeros((t_max, 2), np.int32),
         stored=np.int32(0))
-    cc = cfg.continual
     # One optimizer for every phase (constant learning rate, as the reference's Adam); a fresh
     # optimizer state per phase.
-    setup = Setup(model, build.make_optimizer(cfg.train, 1), selection, cc.task_axis,
-                  float(cc.gce_q), float(cc.gamma), float(cc.alpha),
-                  bool(cc.balance_groups), cc.task_selection == "bn")
+    setup = Setup.from_config(cfg.continual, model=model, tx=build.make_optimizer(cfg.train, 1),
+                              selection=selection,
+                              by_bn=cfg.continual.task_selection == "bn")
     return setup, state
 
 
@@ -371,13 +370,13 @@ def trainable_masks(backbone, owner, owner_value, t: int, num_tasks: int) -> dic
 
 
 # ------------------------------------------------------------------------ the per-task cycle
-def train_task(env: continual.Env, setup: Setup, state: Subnetworks, t: int,
+def train_task(seq: frame.TaskSequence, setup: Setup, state: Subnetworks, t: int,
                workdir: str) -> Subnetworks:
     """Phases 1-6 for task t (module docstring); returns the new state (host arrays)."""
-    cfg = env.config
+    cfg = seq.config
     s = jax.device_get(state)
-    source = env.tasks[t].splits["train"]
-    t_max = env.num_tasks
+    source = seq.tasks[t].splits["train"]
+    t_max = seq.num_tasks
     packnet = setup.selection == "packnet"
     task_bn, task_stats = jax.tree.map(np.copy, (s.task_bn, s.task_stats))
     if t > 0:  # task t starts from task t-1's BatchNorm
@@ -386,23 +385,23 @@ def train_task(env: continual.Env, setup: Setup, state: Subnetworks, t: int,
     channel, owner = jax.tree.map(np.copy, (s.channel, s.owner))
     params = {"backbone": with_bn(s.backbone, _at(task_bn, t)), "heads": s.heads}
     stats = _at(task_stats, t)
-    ones = np.ones(env.index_bound, np.float32)
+    ones = np.ones(seq.index_bound, np.float32)
     mask_t = task_masks(params["backbone"], _at(channel, t), owner, t, packnet)
     all_units = jax.tree.map(lambda m: np.ones(np.shape(m), bool), mask_t)
 
     def phase(trainable, masks, weights):
-        return env.replicate(Phase(trainable, masks, weights, np.int32(t), s.cmask))
+        return seq.replicate(Phase(trainable, masks, weights, np.int32(t), s.cmask))
 
     def step_with(ph: Phase, gce_q: float):
         return functools.partial(train_step, phase=ph, model=setup.model, tx=setup.tx,
-                                 gce_q=gce_q, mesh=env.mesh)
+                                 gce_q=gce_q, mesh=seq.mesh)
 
     # 1. the biased (GCE; PackNet: CE) model on the free weights
-    ts = continual.state_from(params, stats, setup.tx, jax.random.PRNGKey(cfg.seed + t))
+    ts = frame.state_from(params, stats, setup.tx, jax.random.PRNGKey(cfg.seed + t))
     ph = phase(trainable_masks(params["backbone"], owner, FREE, t, t_max), all_units, ones)
-    ts = continual.run_phase(env, f"{workdir}/biased", ts,
-                             step_with(ph, 0.0 if packnet else setup.gce_q), source,
-                             cfg.continual.biased_epochs, cfg.seed + 10 * t)
+    ts = frame.run_phase(seq, f"{workdir}/biased", ts,
+                         step_with(ph, 0.0 if packnet else setup.gce_q), source,
+                         cfg.continual.biased_epochs, cfg.seed + 10 * t)
     params, stats = jax.device_get((ts.params, ts.batch_stats))
     split_counts = np.array(s.split_counts)
 
@@ -411,7 +410,7 @@ def train_task(env: continual.Env, setup: Setup, state: Subnetworks, t: int,
     if packnet:
         owner, params["backbone"] = select_packnet(owner, params["backbone"], t, setup.gamma)
     else:
-        scored = score_pass(env, setup, params, stats, t, s.cmask, source)
+        scored = score_pass(seq, setup, params, stats, t, s.cmask, source)
         if setup.selection == "bias":
             split_counts[t] = scored["counts"]
         kept = keep_units(setup.selection, setup.gamma, scored["scores"], params["backbone"])
@@ -421,16 +420,16 @@ def train_task(env: continual.Env, setup: Setup, state: Subnetworks, t: int,
         keep = kept_weights(params["backbone"], kept)
         owner = jax.tree.map(lambda o, k: np.where((o == FREE) & k, t, o).astype(np.int32),
                              owner, keep)
-        if setup.alpha > 0 or setup.balance:
+        if setup.alpha > 0 or setup.balance_groups:
             weights = finetune_weights(scored["index"], scored["gce"], setup.alpha, ones, t,
-                                       scored["correct"] if setup.balance else None)
+                                       scored["correct"] if setup.balance_groups else None)
 
     # 5. fine-tune the subnetwork; only weights now owned by t change
-    ts = continual.state_from(params, stats, setup.tx, jax.random.PRNGKey(cfg.seed + 100 + t))
+    ts = frame.state_from(params, stats, setup.tx, jax.random.PRNGKey(cfg.seed + 100 + t))
     ph = phase(trainable_masks(params["backbone"], owner, t, t, t_max),
                task_masks(params["backbone"], _at(channel, t), owner, t, packnet), weights)
-    ts = continual.run_phase(env, f"{workdir}/finetune", ts, step_with(ph, 0.0), source,
-                             cfg.continual.finetune_epochs, cfg.seed + 10 * t + 1)
+    ts = frame.run_phase(seq, f"{workdir}/finetune", ts, step_with(ph, 0.0), source,
+                         cfg.continual.finetune_epochs, cfg.seed + 10 * t + 1)
 
     # 6. store
     params, stats = jax.device_get((ts.params, ts.batch_stats))
@@ -453,14 +452,14 @@ def keep_units(selection: str, gamma: float, bias_scores: dict, backbone) -> dic
     return structured.channel_masks(scores, gamma, prune="lowest")
 
 
-def score_pass(env, setup: Setup, params, stats, t: int, cmask, source) -> dict:
+def score_pass(seq, setup: Setup, params, stats, t: int, cmask, source) -> dict:
     """One sharded pass of `score_batch` over `source` (one fetch): the bias score of every unit
     (mean activation over aligned minus over conflicting samples), the aligned / conflicting
     counts, and each sample's index, GCE loss and whether the GCE model is right (aligned)."""
-    rep = env.replicate((params, stats, np.int32(t), cmask))
+    rep = seq.replicate((params, stats, np.int32(t), cmask))
     out = predict_sharded(lambda b: score_batch(*rep, b, model=setup.model,
                                                 gce_q=setup.gce_q),
-                          env.batches(source), env.mesh)
+                          seq.batches(source), seq.mesh)
     easy = out["correct"].astype(bool)
     n_easy, n_hard = int(easy.sum()), int((~easy).sum())
     if n_easy == 0 or n_hard == 0:
@@ -542,7 +541,7 @@ def mask_report(state: Subnetworks, selection: str) -> dict:
             "conflicting": [int(v) for v in counts[:t_max, 1]]}
 
 
-def method(selection: str) -> continual.Method:
-    return continual.Method(
+def method(selection: str) -> frame.Method:
+    return frame.Method(
         build=functools.partial(init, selection=selection), train_task=train_task,
         predict=predict, mask_report=functools.partial(mask_report, selection=selection))

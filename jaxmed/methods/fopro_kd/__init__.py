@@ -1,21 +1,23 @@
 """FoPro-KD (Elbatel et al., IEEE TMI 2023): effective knowledge distillation (EKD) from a frozen
 pretrained teacher into a long-tailed student, with our Fourier Prompt Generator (FPG), and the
-long-tailed / KD baselines it is compared with, all in one trainer.
+long-tailed / KD baselines it is compared with, each a pure step over one pytree state.
 
   objectives.py  EKD and both FPG objectives as pure functions
   heads.py       the student's projector p and fc_p
-  trainer.py     KDState, module-level jitted steps (teacher beside the state: big_vision's
+  step.py        KDState, module-level jitted steps (teacher beside the state: big_vision's
                  distill pattern), every method's loss
   teachers.py    teachers from a jaxmed workdir or a PyTorch file; the quick teacher stage
-  runs.py        one (method, seed) run on the kit's loop; the FPG / probe stage
+  run.py         one (method, seed) run through the kit's `fit`; the FPG / probe stage
   report.py      comparison.csv, summary.md, figures
 
-`config.kd.methods` x `config.kd.seeds` run on the same data (jaxmed.train.comparison).
+`config.kd.methods` x `config.kd.seeds` run on the same data through `jaxmed.train.comparison`
+(section "kd"); the teacher is loaded once and shared by every run.
 Spec: shared/specs/fopro_kd.md.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -23,14 +25,15 @@ import ml_collections
 
 from jaxmed import data as data_lib
 from jaxmed.methods import supervised
-from jaxmed.methods.fopro_kd import report, runs, teachers, trainer
+from jaxmed.methods.fopro_kd import report, run, step, teachers
 from jaxmed.train import comparison, sharding
 from jaxmed.train.workdir import write_config
 
 log = logging.getLogger(__name__)
 
-METHODS = trainer.METHODS
-HARMLESS_KEYS = ("train.progress", "train.log_every", "data.num_workers", "kd.report_examples")
+METHODS = step.METHODS
+HARMLESS_KEYS = ("train.progress", "train.log_every", "kd.report_examples",
+                 *comparison.harmless_keys("kd"))
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -42,7 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.update(dict(optimizer="adam", lr=3e-4, weight_decay=0.0, grad_clip_norm=5.0,
                         batch_size=32, epochs=100, loss="balanced_softmax"))
     c.kd = ml_collections.ConfigDict(dict(
-        methods=("balanced_softmax", "ekd", "ekd_fpg"),  # any of trainer.METHODS
+        methods=("balanced_softmax", "ekd", "ekd_fpg"),  # any of step.METHODS
         seeds=(0,),
         teacher="",  # a jaxmed workdir (best checkpoint + its config.json model) or a .pth
         teacher_model="",  # a .pth's architecture: resnet18, resnet50, moco_v2_resnet50,
@@ -71,7 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
 def check_config(config) -> None:
     kd = config.kd
     comparison.check_methods_and_seeds(kd.methods, kd.seeds, METHODS, "kd")
-    needs = [m for m in kd.methods if m not in trainer.STUDENT_ONLY]
+    needs = [m for m in kd.methods if m not in step.STUDENT_ONLY]
     if needs and not kd.teacher and kd.teacher_stage.epochs <= 0:
         raise ValueError(f"config.kd.teacher is empty but methods {needs} need a teacher: name "
                          "a jaxmed workdir or a PyTorch file (+ config.kd.teacher_model), or set "
@@ -102,7 +105,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     mesh = sharding.make_mesh()
     ds = data_lib.build(config.data)
     teacher = None
-    if any(m not in trainer.STUDENT_ONLY for m in kd.methods):
+    if any(m not in step.STUDENT_ONLY for m in kd.methods):
         size = data_lib.image_size(config.data, ds.info)
         if kd.teacher:
             teacher = teachers.load_teacher(kd, size)
@@ -111,14 +114,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
             teacher = teachers.from_workdir(path, int(kd.teacher_image_size or size))
         log.info("teacher %s: %d-d features, %d-class head", teacher.source,
                  teacher.feature_dim, teacher.num_classes)
-    results = comparison.run_all(
-        workdir, kd.methods, kd.seeds,
-        lambda m, s, d: runs.run_one(config, m, s, d, ds, teacher, mesh))
-    summary = {}
-    if sharding.is_lead_process():
+
+    def write_report(results):
         summary = report.write_report(workdir, config, results, ds, teacher, mesh)
-    return {f"{m}/{k}": v for m, row in summary.items() for k, v in row.items()
-            if k in report.METRICS}
+        return {f"{m}/{k}": v for m, row in summary.items() for k, v in row.items()
+                if k in report.METRICS}
+
+    return comparison.compare(
+        workdir, config, "kd", functools.partial(run.run_one, ds=ds, teacher_model=teacher,
+                                                 mesh=mesh),
+        write_report, harmless=HARMLESS_KEYS)
 
 
 __all__ = ["HARMLESS_KEYS", "METHODS", "check_config", "default_config", "train_and_evaluate"]

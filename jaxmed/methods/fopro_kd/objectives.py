@@ -1,4 +1,4 @@
-"""FoPro-KD objectives as pure functions of (params / outputs, batch); the trainer jits them.
+"""FoPro-KD objectives as pure functions of (params / outputs, batch); step.py jits them.
 
 EKD, as the authors' Fed-MAS code (one client) computes it:
     loss = mean BSM(fc(h), y) + mean BSM(fc_p(p(h)), y) + w_kd * mean(2 - 2 cos(p(h), t)),
@@ -48,7 +48,7 @@ def projector_terms(proj, proj_logits, labels, teacher_features, class_counts, *
                     l2: bool = False, kd_class_weights=None):
     """Per-sample (balanced softmax on fc_p, KD of p(h) to the teacher's features treated as
     constants): EKD's 2 - 2 cos (feature KD's L2 with `l2`). The one place both the EKD loss
-    and the trainer's step compute the projector branch."""
+    and the train step compute the projector branch."""
     sup_proj = losses.balanced_softmax(proj_logits, labels, class_counts)
     t = jax.lax.stop_gradient(teacher_features)
     kd = losses.feature_kd(proj, t) if l2 else losses.cosine_kd(proj, t)

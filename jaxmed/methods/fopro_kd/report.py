@@ -1,13 +1,12 @@
-"""FoPro-KD's report: comparison.csv (means and _std over seeds), summary.md with verdicts only
-beyond the seed spread, and figures: per-class recall per method, tail accuracy per method,
-prompted examples with the learned amplitude mask, and the teacher's frequency preference
-(feature similarity to the clean input, and accuracy when its head has the data's classes,
-under low- and high-pass filtered inputs)."""
+"""FoPro-KD's report: comparison.csv (means and _std over seeds), summary.md with the kit's
+verdicts (`comparison.verdict`) and, where a KD method is not better, why; and figures:
+per-class recall per method, tail accuracy per method, prompted examples with the learned
+amplitude mask, and the teacher's frequency preference (feature similarity to the clean input,
+and accuracy when its head has the data's classes, under low- and high-pass filtered inputs)."""
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import jax
@@ -17,7 +16,7 @@ import numpy as np
 from jaxmed import fourier
 from jaxmed.data import augment, image_channels, image_size
 from jaxmed.data.pipeline import Preprocess, eval_batches
-from jaxmed.methods.fopro_kd import trainer
+from jaxmed.methods.fopro_kd import step
 from jaxmed.report import new_figure, save_figure, write_csv, write_markdown
 from jaxmed.train import comparison, sharding
 from jaxmed.train.evaluate import predict
@@ -51,9 +50,9 @@ def write_report(workdir: str, config, results, ds, teacher, mesh) -> dict:
         acc = ("n/a (a PyTorch teacher, or no result.json in its workdir)"
                if teacher_acc is None else f"{teacher_acc:.3f}")
         lines += [f"Teacher ({teacher.source}): test accuracy {acc}.", ""]
-    lines += ["## Verdicts (tail accuracy; drawn only beyond the larger seed std)", ""]
+    lines += ["## Verdicts (tail accuracy)", "", comparison.RULE, ""]
     lines += verdict_lines(summary, config, ds.info, teacher_acc)
-    prompt_runs = [m for m in trainer.PROMPTED if m in results]
+    prompt_runs = [m for m in step.PROMPTED if m in results]
     if prompt_runs:
         prompt_figure(os.path.join(out, "prompt_examples.png"), workdir, prompt_runs,
                       config, ds)
@@ -83,45 +82,38 @@ def teacher_accuracy(teacher) -> float | None:
     for a PyTorch teacher or a workdir without a result."""
     if teacher is None or not os.path.isdir(str(teacher.source)):
         return None
-    path = os.path.join(teacher.source, "result.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        value = json.load(f).get("test/accuracy")
+    value = (comparison.read_result(teacher.source) or {}).get("test/accuracy")
     return None if value is None else float(value)
 
 
 def verdict_lines(summary, config, info, teacher_acc) -> list[str]:
-    """One line per KD method against student-only balanced softmax on tail accuracy; where no
-    verdict can be drawn, a second line says why with the figures (gap vs spread, both stds,
-    seeds, teacher accuracy, the tail classes' training counts)."""
+    """One line per KD method against student-only balanced softmax on tail accuracy
+    (`comparison.verdict_line`); where it is not better, a second line says why with the
+    figures (both means ± std, seeds, teacher accuracy, the tail classes' training counts)."""
     from jaxmed import metrics
 
     groups = metrics.class_groups(info.class_counts, tuple(config.kd.group_boundaries))
     tail = ", ".join(f"{info.class_names[c]} {int(info.class_counts[c])}"
                      for c in np.flatnonzero(groups == 2))
     t_acc = "n/a" if teacher_acc is None else f"{teacher_acc:.3f}"
-    lines = []
+    metric, lines = "test/tail_acc", []
     for method in ("ekd", "ekd_fpg", "ekd_fpg_adv", "hinton_kd", "feature_kd"):
         if method not in summary or BASELINE not in summary:
             continue
         a, b = summary[method], summary[BASELINE]
-        gap = a["test/tail_acc"] - b["test/tail_acc"]
-        spread = max(a["test/tail_acc_std"], b["test/tail_acc_std"])
-        won = comparison.beats(summary, method, BASELINE, "test/tail_acc")
-        lines.append(f"- {method} {'beats' if won else 'does not beat (beyond the spread)'} "
-                     f"{BASELINE}: gap {gap:+.3f}, seed spread {spread:.3f}")
-        if won:
+        lines.append("- " + comparison.verdict_line(summary, method, BASELINE, metric))
+        said = comparison.verdict(summary, method, BASELINE, metric)
+        if said == comparison.BETTER:
             continue
-        if min(a["seeds"], b["seeds"]) < 2:
-            why = f"fewer than 2 seeds ({a['seeds']} vs {b['seeds']}): no spread to judge by"
-        elif gap <= 0:
-            why = f"tail accuracy not higher ({a['test/tail_acc']:.3f} vs {b['test/tail_acc']:.3f})"
-        else:
-            why = f"gap {gap:+.3f} within the seed spread {spread:.3f}"
-        lines.append(f"  - why not: {why}; tail acc {method} {_fmt(a, 'test/tail_acc')}, "
-                     f"{BASELINE} {_fmt(b, 'test/tail_acc')} over {a['seeds']} / {b['seeds']} "
-                     f"seeds; teacher test acc {t_acc}; tail training counts: {tail}")
+        na, nb = (r.get(f"{metric}_n", r["seeds"]) for r in (a, b))
+        gap = a[metric] - b[metric]
+        why = {comparison.FEW: f"fewer than {comparison.MIN_SEEDS} seeds ({na} vs {nb})",
+               comparison.NOISE: f"gap {gap:+.3f} within 2 standard errors of the difference",
+               comparison.WORSE: f"tail accuracy lower ({a[metric]:.3f} vs {b[metric]:.3f}) "
+                                 "beyond 2 standard errors"}[said]
+        lines.append(f"  - why not: {why}; tail acc {method} {_fmt(a, metric)}, "
+                     f"{BASELINE} {_fmt(b, metric)} over {na} / {nb} seeds; teacher test acc "
+                     f"{t_acc}; tail training counts: {tail}")
     return lines
 
 
@@ -141,8 +133,8 @@ def per_class_recall_figure(path: str, results, info) -> None:
     fig, ax = new_figure(figsize=(2 + 0.9 * len(order) * max(len(methods), 4) / 4, 4))
     width = 0.8 / len(methods)
     for i, m in enumerate(methods):
-        vals = [np.nanmean([r.get(f"test/recall/{c}", np.nan) for r in results[m]])
-                for c in order]
+        vals = [np.nanmean([r.get(f"test/recall/{info.class_names[c]}", np.nan)
+                            for r in results[m]]) for c in order]
         ax.bar(np.arange(len(order)) + (i - (len(methods) - 1) / 2) * width, vals, width,
                label=m)
     ax.set_xticks(range(len(order)), [f"{info.class_names[c]}\n({int(info.class_counts[c])})"
@@ -206,9 +198,9 @@ def prompt_figure(path: str, workdir: str, methods, config, ds) -> None:
 @functools.partial(jax.jit, static_argnums=(0, 1, 5))
 def _filtered_response(model, size, variables, images, cutoff, keep):
     """Teacher (logits, cos(features(filtered), features(clean))) on a batch."""
-    clean = trainer.teacher_outputs(model, size, variables, images)[1]
+    clean = step.teacher_outputs(model, size, variables, images)[1]
     x = fourier.radial_filter(images, cutoff, keep)
-    logits, feats = trainer.teacher_outputs(model, size, variables, x)
+    logits, feats = step.teacher_outputs(model, size, variables, x)
     cos = jnp.sum(feats * clean, -1) / jnp.maximum(
         jnp.linalg.norm(feats, axis=-1) * jnp.linalg.norm(clean, axis=-1), 1e-12)
     return logits, cos

@@ -22,7 +22,7 @@ import ml_collections
 
 from jaxmed.models import create_model
 from jaxmed.models.convert import load_torch_checkpoint
-from jaxmed.train import build
+from jaxmed.train import build, comparison
 
 TORCH_ARCHS = {"resnet18": "resnet18", "resnet50": "resnet50", "moco_v2_resnet50": "resnet50",
                "dinov2_vits14": "dinov2_vits14", "dinov2_vitb14": "dinov2_vitb14"}
@@ -110,13 +110,14 @@ def load_teacher(kd_cfg, student_size: int) -> Teacher:
 
 def train_teacher_stage(config, workdir: str) -> str:
     """The quick configs' first stage: a supervised teacher on balanced data of the same kind
-    (synthetic: imbalance 1, `teacher_stage.num_train` images), written to workdir/teacher;
-    skipped when that run finished. Returns the teacher's workdir."""
+    (synthetic: imbalance 1, `teacher_stage.num_train` images), trained by the kit into
+    workdir/teacher and marked finished by its atomic `result.json` (its test metrics); skipped
+    when that exists. Returns the teacher's workdir."""
     from jaxmed.methods import supervised
 
     ts = config.kd.teacher_stage
     out = os.path.join(workdir, "teacher")
-    if os.path.exists(os.path.join(out, "result.json")):
+    if comparison.read_result(out) is not None:
         return out
     c = supervised.default_config()
     c.seed = config.seed
@@ -135,6 +136,5 @@ def train_teacher_stage(config, workdir: str) -> str:
     c.train.progress = config.train.progress
     os.makedirs(out, exist_ok=True)
     result = supervised.train_and_evaluate(c, out)
-    with open(os.path.join(out, "result.json"), "w") as f:
-        json.dump({k: float(v) for k, v in result.items()}, f, indent=1)
+    comparison.write_result(out, {k: float(v) for k, v in result.items()})
     return out

@@ -2,10 +2,11 @@
 
 Every `htl.every_epochs` epochs the current model is pruned by global magnitude at
 `htl.sparsities` without fine-tuning (masks only); samples on which the pruned copies disagree
-with the dense model are the hard-to-learn (HTL) ones (`identify.py`, driven over the whole
-training set by `driver.py`), and training attends to them until the next identification:
-their loss weighs `htl.weight` times (`htl_weight`) or they are drawn `htl.weight` times as
-often (`htl_oversample`, through the pipeline's sampling weights). Spec: shared/specs/htl.md.
+with the dense model are the hard-to-learn (HTL) ones (`identify.py`, over the whole training
+set from the train loop's hook in `attention.py`), and training attends to them until the next
+identification: their loss weighs `htl.weight` times (`htl_weight`, through the state's
+`sample_weight` table) or they are drawn `htl.weight` times as often (`htl_oversample`, through
+the pipeline's sampling weights). Spec: shared/specs/htl.md.
 
 `config.htl.task`:
   segmentation       U-Net (`unet_resnet*`) on image + mask data, Dice + BCE; IoU, Dice, ISIC
@@ -17,50 +18,38 @@ often (`htl_oversample`, through the pipeline's sampling weights). Spec: shared/
   semi_supervised    TEAR's semi-supervised step (`htl.ssl_algorithm`, e.g. 'fixmatch', with
                      the `config.ssl` block of jaxmed.methods.tear) on a labeled / unlabeled
                      split; the HTL set is among the UNLABELED samples (dense pseudo label vs
-                     the pruned majority) and its weight goes to `state.ssl.weights`
-                     (`semi.py`); AUC, balanced accuracy. 'htl_oversample' is refused there.
+                     the pruned majority) and its weight goes to `state.sample_weight`
+                     (`run.py`); AUC, balanced accuracy. 'htl_oversample' is refused there.
 
-`config.htl.methods` x `config.htl.seeds` run on the same data (jaxmed.train.comparison);
-workdir/report/ holds comparison.csv (test metrics overall and per sub-population the data
-marks, means and _std over seeds), summary.md and the figures (report.py).
+Runs are built on the kit in `run.py`, with the steps and evaluator of `step.py`.
+`config.htl.methods` x `config.htl.seeds` run on the same data (`jaxmed.train.comparison`,
+section 'htl': a new method or seed runs only its own sub-runs); workdir/report/ holds
+comparison.csv (test metrics overall and per sub-population the data marks, means and _std over
+seeds), summary.md and the figures (report.py).
 
 Decisions beyond the spec: the first identification is after `every_epochs` epochs (an untrained
 model's disagreement says nothing); the baseline runs no identification; each run's seed (init
-and data order) is its entry of `htl.seeds` (config.seed is not used).
+and data order) is its entry of `htl.seeds` (the top-level config.seed is not used).
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import numbers
-import os
 
-import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from jaxmed import data as data_lib
-from jaxmed.data.pipeline import Preprocess, eval_batches, train_stream, weighted_train_stream
 from jaxmed.methods import supervised, tear
-from jaxmed.methods.htl import driver, semi, trainer
-from jaxmed.methods.tear import data as ssl_data
-from jaxmed.models import create_model
-from jaxmed.models.unet import load_encoder
-from jaxmed.pruning.sweep import check_axis
-from jaxmed.train import build, comparison, sharding, steps
+from jaxmed.methods.htl import report, run
+from jaxmed.methods.htl.run import MASK_TASKS
+from jaxmed.methods.tear import algorithms
+from jaxmed.stacking import check_axis
+from jaxmed.train import comparison
 from jaxmed.train import workdir as workdir_lib
-from jaxmed.train.loop import LoopSettings, train_loop
-from jaxmed.train.writers import MetricWriter
-
-log = logging.getLogger(__name__)
 
 TASKS = ("classification", "segmentation", "semi_supervised", "weak_localization")
-METHODS = ("baseline", "htl_weight", "htl_oversample")
-MASK_TASKS = ("segmentation", "weak_localization")
-ATTENTION = {"baseline": None, "htl_weight": "weight", "htl_oversample": "oversample"}
-HARMLESS_KEYS = ("htl.identify_batch_size", "htl.level_axis", "htl.grid")
+METHODS = ("baseline", "htl_weight", "htl_oversample")  # run.ATTENTION: what each attends
+HARMLESS_KEYS = ("htl.identify_batch_size", "htl.level_axis", "htl.grid",
+                 *comparison.harmless_keys("htl"))
 TASK_METRICS = {
     "segmentation": ("iou", "dice", "thresholded_jaccard"),
     "classification": ("auc", "balanced_accuracy"),
@@ -68,6 +57,9 @@ TASK_METRICS = {
     "weak_localization": ("auc", "balanced_accuracy", "cam_iou", "cam_dice",
                           "cam_thresholded_jaccard"),
 }
+
+__all__ = ["HARMLESS_KEYS", "METHODS", "TASKS", "TASK_METRICS", "check_config",
+           "default_config", "train_and_evaluate"]
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -105,7 +97,7 @@ def check_config(config) -> None:
         raise ValueError(f"config.htl.task={h.task!r}: use one of {list(TASKS)}")
     comparison.check_methods_and_seeds(h.methods, h.seeds, METHODS, "htl")
     if h.task == "semi_supervised":
-        semi.check_config(config)
+        check_semi_supervised(config)
     sp = h.sparsities
     if (isinstance(sp, str) or not isinstance(sp, (tuple, list)) or not sp
             or not all(isinstance(s, numbers.Real) and 0 < s < 1 for s in sp)):
@@ -136,136 +128,36 @@ def check_config(config) -> None:
                          "config.data.synthetic.with_mask=True")
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-    """Every method x seed (finished runs skipped), then the report; returns its headline."""
-    from jaxmed.methods.htl import report
+def check_semi_supervised(config) -> None:
+    """semi_supervised's keys, naming the one at fault (TEAR checks its `ssl` block)."""
+    h = config.htl
+    if "ssl" not in config:
+        raise ValueError("htl.task='semi_supervised' needs the config.ssl block (TEAR's keys; "
+                         "jaxmed.methods.htl.default_config() has it)")
+    try:
+        alg = algorithms.get(h.ssl_algorithm)
+    except ValueError as e:
+        raise ValueError(f"config.htl.ssl_algorithm={h.ssl_algorithm!r}: {e}") from None
+    if not alg.unlabeled:
+        raise ValueError(f"config.htl.ssl_algorithm={h.ssl_algorithm!r} trains on labeled "
+                         "images alone: HTL among unlabeled samples needs an algorithm that "
+                         "uses them (e.g. 'fixmatch', 'tear')")
+    if "htl_oversample" in h.methods:
+        raise ValueError("config.htl.methods: 'htl_oversample' is not supported with "
+                         "htl.task='semi_supervised' (TEAR's unlabeled stream has no sampling "
+                         "weights); use 'baseline' and 'htl_weight'")
+    c = ml_collections.ConfigDict(config.to_dict())  # as TEAR reads it: its own comparison keys
+    c.ssl.methods, c.ssl.seeds = (h.ssl_algorithm,), tuple(h.seeds)
+    tear.check_config(c)
 
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Every method x seed (finished runs read back), then the report (lead process); returns
+    its headline."""
     check_config(config)
     workdir_lib.write_config(config, workdir, harmless=HARMLESS_KEYS)
-    h = config.htl
-    results = comparison.run_all(workdir, h.methods, h.seeds,
-                                 lambda m, s, d: run_one(config, m, s, d))
-    if not sharding.is_lead_process():
-        return {}
-    return report.write_report(config, workdir, results)
-
-
-# ------------------------------------------------------------------------------ one run
-def build_model(config, num_classes: int):
-    mc = config.model
-    if config.htl.task == "segmentation":
-        kw = {"stem": mc.stem, **({"width": mc.width} if mc.width else {})}
-        return create_model(mc.name, 1, dtype=mc.dtype, **kw)
-    return build.build_model(mc, num_classes)
-
-
-def init_variables(model, config, rng, image_shape) -> dict:
-    """Random init; a U-Net's encoder from a torchvision ResNet file, or any jaxmed workdir."""
-    mc = config.model
-    if config.htl.task != "segmentation" or not mc.pretrained or os.path.isdir(mc.pretrained):
-        return build.init_variables(model, mc, rng, image_shape)
-    import torch
-
-    variables = jax.device_get(dict(jax.jit(lambda r, x: model.init(r, x, train=False))(
-        rng, jnp.zeros((1, *image_shape), jnp.float32))))
-    sd = torch.load(mc.pretrained, map_location="cpu", weights_only=True)
-    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
-    return load_encoder(variables, sd, mc.name.removeprefix("unet_"))
-
-
-def check_data(ds, task: str, name: str) -> None:
-    rec = ds["train"][0]
-    if task in MASK_TASKS and "mask" not in rec:
-        raise ValueError(f"htl.task={task!r} needs lesion masks, and config.data.name={name!r} "
-                         "has none (use isic2018_seg, or synthetic with with_mask=True)")
-    if task != "segmentation" and ds.info.num_classes < 2:
-        raise ValueError(f"htl.task={task!r} needs at least 2 classes; config.data.name="
-                         f"{name!r} has {ds.info.class_names}")
-
-
-def run_one(config, method: str, seed: int, workdir: str) -> dict:
-    """Train and test one (method, seed); returns flat final metrics ('test/...')."""
-    if config.htl.task == "semi_supervised":
-        return semi.run_one(config, method, seed, workdir, attention=ATTENTION[method])
-    h, tcfg = config.htl, config.train
-    task = h.task
-    base_task = "segmentation" if task == "segmentation" else "classification"
-    mesh = sharding.make_mesh()
-    sharding.check_global_batch(tcfg.batch_size, mesh)
-    ds = data_lib.build(config.data)
-    check_data(ds, task, config.data.name)
-    info = ds.info
-    size = data_lib.image_size(config.data, info)
-    channels = data_lib.image_channels(config.data, info)
-    model = build_model(config, info.num_classes)
-    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
-    steps_per_epoch = len(ds["train"]) // tcfg.batch_size
-    total = build.total_steps(tcfg, steps_per_epoch)
-    tx = build.make_optimizer(tcfg, total)
-    variables = init_variables(model, config, init_rng, (size, size, channels))
-    positions = ssl_data.record_indices(ds["train"])
-    state = build.create_state(variables, tx, state_rng, mesh)
-    state = jax.device_put(trainer.HtlState.from_train_state(state, int(positions.max()) + 1),
-                           sharding.replicated(mesh))
-    dtype = jnp.dtype(config.model.dtype)
-    train_step = steps.jit_train_step(trainer.make_train_step(
-        model, tx, task=base_task, compute_dtype=dtype, dice_weight=h.dice_weight,
-        bce_weight=h.bce_weight), mesh)
-    if task == "segmentation":
-        pred = trainer.make_segmentation_predict(model, compute_dtype=dtype)
-    else:
-        pred = trainer.make_classification_predict(
-            model, compute_dtype=dtype,
-            cam_threshold=h.cam_threshold if task == "weak_localization" else None)
-    eval_pre = Preprocess(size, channels, "", seed, config.data.on_error)
-    train_pre = Preprocess(size, channels, config.data.train_augment, seed,
-                           config.data.on_error)
-
-    def batches(split, batch_size=tcfg.eval_batch_size):
-        return eval_batches(ds[split], global_batch=batch_size, preprocess=eval_pre,
-                            num_workers=config.data.num_workers)
-
-    evaluate = trainer.SplitEvaluator(steps.jit_eval_step(pred, mesh), batches, mesh, task)
-    attention = ATTENTION[method]
-    epochs = max(tcfg.epochs, 1) if tcfg.steps <= 0 else -(-tcfg.steps // steps_per_epoch)
-    current = {}
-
-    def make_stream():
-        kw = dict(global_batch=tcfg.batch_size, preprocess=train_pre, seed=seed,
-                  num_epochs=epochs, num_workers=config.data.num_workers)
-        current["stream"] = (weighted_train_stream(ds["train"], **kw)
-                             if attention == "oversample" else train_stream(ds["train"], **kw))
-        return current["stream"]
-
-    writer = MetricWriter(workdir, enabled=sharding.is_lead_process())
-    hooks = []
-    hook = None
-    sparsities = tuple(float(s) for s in h.sparsities)
-    ident_bs = h.identify_batch_size or tcfg.eval_batch_size
-    if attention is not None:
-        sharding.check_global_batch(ident_bs, mesh, key="eval_batch_size")
-        identify_fn = driver.make_identify_fn(
-            model, task=base_task, iou_threshold=h.iou_threshold, rule=h.rule,
-            level_axis=h.level_axis, mesh=mesh, compute_dtype=dtype)
-        hook = driver.HtlHook(
-            identify_fn, lambda: batches("train", ident_bs), mesh, sparsities,
-            every=h.every_epochs * steps_per_epoch, total=total, attention=attention,
-            weight=float(h.weight), top_q=h.top_q or None, positions=positions,
-            stream=lambda: current["stream"], writer=writer, workdir=workdir)
-        hooks.append(hook)
-    try:
-        state, final = train_loop(
-            workdir=workdir, settings=LoopSettings.from_config(tcfg), state=state,
-            train_step=train_step, make_stream=make_stream, evaluate=evaluate, mesh=mesh,
-            writer=writer, meta={"config": json.loads(config.to_json()), "method": method,
-                                 "seed": seed},
-            state_hooks=hooks, global_batch=tcfg.batch_size)
-    finally:
-        writer.close()
-    result = {f"test/{k}": v for k, v in final.items()}
-    if hook is not None:
-        result["identify_seconds"] = float(np.mean(hook.seconds)) if hook.seconds else 0.0
-        driver.save_last_examples(
-            workdir, driver.make_examples_fn(model, task=base_task, compute_dtype=dtype), state,
-            sparsities, ds["train"], positions, eval_pre, h.grid)
-    return result
+    return comparison.compare(
+        workdir, config, "htl", run.run_one,
+        lambda results: report.write_report(config, workdir, results,
+                                            TASK_METRICS[config.htl.task]),
+        harmless=HARMLESS_KEYS)

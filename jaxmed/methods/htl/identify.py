@@ -2,13 +2,19 @@
 global-magnitude-pruned copies (no fine-tuning) disagree (Hooker et al.'s pruning-identified
 exemplars, as Attend Who is Weak uses them).
 
-Pure pieces, composed by the HTL trainer every K epochs:
+Pure pieces, and the pass over a whole split that composes them (every K epochs, from the
+hook in `attention.py`):
   `level_masks`            bool masks at every sparsity, stacked [L, ...], from one radix pass
   `make_level_predictor`   jitted (params, masks, x, extra) -> dense output and, per level, the
                            pruned output (classification) or its IoU with the dense mask
                            (segmentation); the masked copy exists only inside the forward
   `classification_disagreement`, `segmentation_level_iou`, `segmentation_disagreement`
   `select_htl`             the HTL set: disagreeing samples, or the top q by score
+  `make_identify_fn`       one program per task: dense forward + every level + disagreement,
+                           on a batch sharded over every device
+  `identify_samples`       that program over a split (eval preprocessing) through
+                           `jaxmed.train.evaluate.predict`: outputs fetched once per pass and
+                           sorted by the records' stable index; `composition` of the HTL set
 
 Decisions (the paper gives none):
   - classification: a sample disagrees when the dense top-1 class is not among the modal classes
@@ -35,7 +41,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxmed import pruning
-from jaxmed.pruning.sweep import check_axis
+from jaxmed.data import augment
+from jaxmed.stacking import check_axis
+from jaxmed.train import evaluate, sharding
 
 
 # ------------------------------------------------------------------------------ masks
@@ -157,3 +165,58 @@ def select_htl(disagree, score, top_q: float | None = None) -> np.ndarray:
     chosen[np.argsort(-score, kind="stable")[:int(round(top_q * score.size))]] = True
     return chosen
 
+
+
+# ----------------------------------------------------------------------- a whole split
+def make_identify_fn(model, *, task: str, iou_threshold: float = 0.5, rule: str = "majority",
+                     level_axis: str = "map", mesh=None, compute_dtype=jnp.float32) -> Callable:
+    """A jitted (params, stacked_masks, batch_stats, batch) -> {'disagree' [B], 'score' [B],
+    'levels' [B, L]} (levels: the pruned top-1 class, or the IoU of each pruned mask with the
+    dense one). task: 'classification' or 'segmentation'."""
+    def apply_fn(params, x, batch_stats):
+        return model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+
+    predictor = make_level_predictor(apply_fn, task=task, level_axis=level_axis, mesh=mesh)
+
+    def fn(params, stacked_masks, batch_stats, batch):
+        x = augment.normalize(batch["image"], dtype=compute_dtype)
+        dense, levels = predictor(params, stacked_masks, x, batch_stats)
+        if task == "classification":
+            disagree, score = classification_disagreement(dense, levels)
+            per_level = jnp.argmax(levels, -1).T.astype(jnp.float32)
+        else:
+            disagree, score = segmentation_disagreement(levels, iou_threshold, rule)
+            per_level = levels.T.astype(jnp.float32)
+        return {"disagree": disagree, "score": score, "levels": per_level,
+                "dense": (jnp.argmax(dense, -1) if task == "classification"
+                          else jnp.sum(dense > 0, (1, 2, 3))).astype(jnp.int32)}
+
+    if mesh is None:
+        return jax.jit(fn)
+    rep, dat = sharding.replicated(mesh), sharding.data_sharding(mesh)
+    return jax.jit(fn, in_shardings=(rep, rep, rep, dat), out_shardings=dat)
+
+
+def identify_samples(identify_fn: Callable, params, batch_stats, sparsities: Sequence[float],
+                     batches, mesh, *, top_q: float | None = None) -> dict[str, np.ndarray]:
+    """Identification over every sample of `batches` (host-local, as `eval_batches` yields):
+    {'index', 'attrs', 'disagree', 'score', 'levels', 'dense', 'htl'} sorted by index, 'htl' the
+    HTL set (`select_htl`). Masks of all levels come from one sort of the params."""
+    masks = level_masks(params, sparsities)
+    out = evaluate.predict(lambda b: identify_fn(params, masks, batch_stats, b), batches, mesh,
+                           keys=("index", "attrs"))
+    out["htl"] = select_htl(out["disagree"], out["score"], top_q)
+    return out
+
+
+def composition(htl: np.ndarray, attrs: dict[str, np.ndarray]) -> dict[str, float]:
+    """HTL-set size and, per attribute value, its share of the HTL set and of all samples."""
+    out = {"size": float(htl.sum()), "fraction": float(htl.mean())}
+    for name in sorted(attrs):
+        values = np.asarray(attrs[name])
+        for v in sorted(set(values.tolist()) - {-1}):
+            sel = values == v
+            out[f"share_{name}_{v}"] = float(sel[htl].mean()) if htl.any() else 0.0
+            out[f"base_{name}_{v}"] = float(sel.mean())
+            out[f"caught_{name}_{v}"] = float(htl[sel].mean()) if sel.any() else 0.0
+    return out

@@ -2,11 +2,12 @@
 
 comparison.csv: one row per method; the task's test metrics (`test/iou`, ...) and the same
 metrics per sub-population the data marks (`test/<attr>_<value>/<metric>`, e.g.
-`test/hard_1/iou`), means over the seeds and `_std`. Verdicts (summary.md) are drawn only
-beyond the seed spread (`comparison.beats`). Figures: the headline metric per method (overall
-and per sub-population), the HTL set's size and composition over training, a grid of HTL
-examples with dense vs pruned predictions, and the share of each attribute value in the HTL set
-against the training set (demographic shares where the metadata has sex / age / skin type).
+`test/hard_1/iou`), means over the seeds and `_std`. Verdicts (summary.md) against the
+baseline follow the kit's one rule (`comparison.verdict`). Figures: the headline metric per
+method (overall and per sub-population), the HTL set's size and composition over training, a
+grid of HTL examples with dense vs pruned predictions, and the share of each attribute value in
+the HTL set against the training set (demographic shares where the metadata has sex / age /
+skin type).
 """
 
 from __future__ import annotations
@@ -17,27 +18,26 @@ import re
 
 import numpy as np
 
-from jaxmed.methods.htl import driver
+from jaxmed.methods.htl import attention
 from jaxmed.report import new_figure, save_figure, write_markdown
 from jaxmed.train import comparison
 
 
-def report_metrics(task: str, results) -> list[str]:
-    """The task's test metrics, then the per-sub-population ones found in the results."""
-    from jaxmed.methods.htl import TASK_METRICS
-
-    names = TASK_METRICS[task]
+def report_metrics(names, results) -> list[str]:
+    """The task's test metrics (`names`), then the per-sub-population ones in the results."""
     keys = sorted({k for runs in results.values() for r in runs for k in r})
     groups = [k for k in keys if re.fullmatch(r"test/[^/]+_-?\d+/[^/]+", k)
               and k.rsplit("/", 1)[1] in names]
     return [f"test/{m}" for m in names] + groups
 
 
-def write_report(config, workdir: str, results) -> dict:
+def write_report(config, workdir: str, results, task_metrics) -> dict:
+    """workdir/report/ for `results` ({method: [result per seed]}); `task_metrics`: the task's
+    metric names (`TASK_METRICS`). Returns the headline figures and the verdicts."""
     task = config.htl.task
     d = os.path.join(workdir, "report")
     os.makedirs(d, exist_ok=True)
-    metrics = report_metrics(task, results)
+    metrics = report_metrics(task_metrics, results)
     summary = comparison.write_comparison(os.path.join(d, "comparison.csv"), results, metrics)
     head = metrics[0]
     comparison.metric_by_method_figure(os.path.join(d, f"{head.split('/')[-1]}_by_method.png"),
@@ -54,19 +54,15 @@ def write_report(config, workdir: str, results) -> dict:
     for m, row in summary.items():
         lines.append(f"| {m} | " + " | ".join(f"{row[k]:.4f} ± {row[k + '_std']:.4f}"
                                               for k in metrics) + " |")
-    lines += ["", "## Verdicts (a gap counts only beyond the larger seed std)", ""]
+    lines += ["", "## Verdicts against the baseline", "", comparison.RULE, ""]
     verdicts = {}
     if "baseline" in summary:
         for m in attended:
             for k in [head] + group_keys:
-                gap = summary[m][k] - summary["baseline"][k]
-                spread = max(summary[m][k + "_std"], summary["baseline"][k + "_std"])
-                won = comparison.beats(summary, m, "baseline", k)
-                lost = comparison.beats(summary, "baseline", m, k)
-                verdicts[f"{m}:{k}"] = "better" if won else "worse" if lost else "within noise"
-                lines.append(f"- {m} vs baseline on {k}: {gap:+.4f} (seed spread {spread:.4f})"
-                             f" -> {verdicts[f'{m}:{k}']}")
-    history = {m: [driver.read_history(r) for r in _run_dirs(workdir, m)] for m in attended}
+                verdicts[f"{m}:{k}"] = comparison.verdict(summary, m, "baseline", k)
+                lines.append("- " + comparison.verdict_line(summary, m, "baseline", k,
+                                                            digits=4))
+    history = {m: [attention.read_history(r) for r in _run_dirs(workdir, m)] for m in attended}
     if any(h for runs in history.values() for h in runs):
         htl_over_training_figure(os.path.join(d, "htl_over_training.png"), history)
         shares_figure(os.path.join(d, "htl_shares.png"), workdir, attended)

@@ -37,7 +37,8 @@ import ml_collections
 from jaxmed import data as data_lib
 from jaxmed.methods import supervised
 from jaxmed.methods.prunecxr import report, stages
-from jaxmed.pruning.sweep import PRUNE_TYPES, check_axis
+from jaxmed.pruning.sweep import PRUNE_TYPES
+from jaxmed.stacking import check_axis
 from jaxmed.train import sharding
 from jaxmed.train import workdir as workdir_lib
 
@@ -131,3 +132,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if "analyze" in config.stages and sharding.is_lead_process():
         return report.write_report(config, workdir, ds, stages.load_sweeps(workdir))
     return {}
+
+
+__all__ = ["HARMLESS_KEYS", "STAGES", "check_config", "default_config", "train_and_evaluate"]

@@ -1,6 +1,7 @@
 """PruneCXR's stages and the files between them; each stage skips what the workdir already holds.
 
-  train    workdir/runs/run_XX/ (a supervised run each, seed = config.seed + XX) + final.json
+  train    workdir/runs/run_XX/ (a supervised run each, seed = config.seed + XX) + result.json
+           (the kit's finished-run marker, written atomically)
   sweep    workdir/sweep/run_XX_<type>.npy [sparsity, image, class] float32 probabilities,
            labels.npy / index.npy [image] and sweep.json (sparsities, models, prune types,
            class names, training class counts); images are in stable-index order
@@ -28,7 +29,7 @@ from jaxmed.data.pipeline import Preprocess, eval_batches
 from jaxmed.methods import supervised
 from jaxmed.models.convert import load_torch_checkpoint
 from jaxmed.pruning.sweep import make_forward, scores_for, sweep
-from jaxmed.train import build, sharding
+from jaxmed.train import build, comparison, sharding
 from jaxmed.train.evaluate import predict
 
 log = logging.getLogger(__name__)
@@ -50,25 +51,23 @@ def list_models(config, workdir: str) -> list[str]:
         raise FileNotFoundError(f"config.prunecxr.checkpoints: {missing[:3]} do not exist")
     if paths:
         return paths
-    return sorted(os.path.dirname(p) for p in glob.glob(os.path.join(workdir, "runs", "run_*",
-                                                                     "final.json")))
+    return sorted(os.path.dirname(p) for p in glob.glob(os.path.join(
+        workdir, "runs", "run_*", comparison.RESULT)))
 
 
 def train_runs(config, workdir: str) -> list[str]:
-    """Train the runs that have no final.json yet; returns every run's directory."""
+    """Train the runs that have no result.json yet; returns every run's directory."""
     if config.prunecxr.checkpoints:
         log.info("using %d existing checkpoints; no training", len(config.prunecxr.checkpoints))
         return list_models(config, workdir)
     dirs = []
     for r in range(config.prunecxr.num_runs):
         d = run_dir(workdir, r)
-        done = os.path.join(d, "final.json")
-        if not os.path.exists(done):
+        if comparison.read_result(d) is None:
             run_cfg = run_config(config, config.seed + r)
             log.info("PruneCXR: training run %d / %d in %s", r + 1, config.prunecxr.num_runs, d)
             result = supervised.train_and_evaluate(run_cfg, d)
-            if sharding.is_lead_process():
-                write_json(done, {"seed": config.seed + r, **result})
+            comparison.write_result(d, {"seed": config.seed + r, **result})
         dirs.append(d)
     return dirs
 

@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 from jaxmed.data.datasets import tables as T
-from jaxmed.data.sources import SubsetSource, TableSource, source_labels
+from jaxmed.data.sources import SubsetSource, TableSource, record_indices, source_labels
 
 
 def stratified_labeled(labels, num_labeled: int, seed: int) -> np.ndarray:
@@ -92,22 +92,6 @@ def from_lists(labeled_list: str, unlabeled_list: str, root: str, num_classes: i
             raise FileNotFoundError(f"{len(gone)} image(s) of the {name} list are not under "
                                     f"{root}, e.g. {gone[:5]}")
     return labeled, unlabeled
-
-
-def record_indices(source) -> np.ndarray:
-    """The stable `index` of every record, without decoding images."""
-    if isinstance(source, SubsetSource):
-        parent = source.parent
-        if isinstance(parent, TableSource):
-            return parent.ids[source.indices].astype(np.int64)
-        if hasattr(parent, "labels") and not hasattr(parent, "ids"):
-            return source.indices.copy()  # array-like sources: index == position
-    if isinstance(source, TableSource):
-        return source.ids.astype(np.int64)
-    if (not isinstance(source, SubsetSource) and hasattr(source, "labels")
-            and not hasattr(source, "ids")):
-        return np.arange(len(source), dtype=np.int64)  # array-like sources: index == position
-    return np.asarray([int(source[i]["index"]) for i in range(len(source))], np.int64)
 
 
 def labels_by_index(source, num_slots: int) -> np.ndarray:

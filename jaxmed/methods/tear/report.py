@@ -1,5 +1,5 @@
 """workdir/report/ of a semi-supervised comparison: comparison.csv (means and _std over seeds),
-summary.md (table, verdicts only beyond the seed spread, the split and the exact config) and
+summary.md (table, verdicts by the comparison engine's one rule, the split and the exact config) and
 figures: test AUC per method with each seed, mask rate and pseudo-label accuracy on the
 unlabeled set over training, per-class recall."""
 
@@ -44,7 +44,8 @@ def curves_figure(path: str, workdir: str, methods, seeds) -> None:
         ax.set_xlabel("step")
         ax.set_title(title)
         ax.set_ylim(0, 1.02)
-    axes[-1].legend(fontsize=7)
+    if axes[-1].get_legend_handles_labels()[0]:  # supervised-only logs no unlabeled curve
+        axes[-1].legend(fontsize=7)
     save_figure(fig, path)
 
 
@@ -87,19 +88,11 @@ def write_report(workdir: str, config, results, metrics) -> dict:
         row = summary[m]
         lines.append(f"| {m} | " + " | ".join(f"{row[k]:.3f} ± {row[f'{k}_std']:.3f}"
                                               for k in metrics) + " |")
-    lines += ["", "Means ± standard deviation over the seeds (ddof 1). A verdict needs a gap "
-              "larger than both methods' seed spread:", ""]
+    lines += ["", "Means ± standard deviation over the seeds (ddof 1). " + comparison.RULE, ""]
     base = "supervised" if "supervised" in summary else None
     for m in methods:
-        if base is None or m == base:
-            continue
-        gap = summary[m]["test/auc"] - summary[base]["test/auc"]
-        spread = max(summary[m]["test/auc_std"], summary[base]["test/auc_std"])
-        verdict = ("beats" if comparison.beats(summary, m, base, "test/auc") else
-                   "is beaten by" if comparison.beats(summary, base, m, "test/auc") else
-                   "is within the seed spread of")
-        lines.append(f"- {m} {verdict} supervised-only on test AUC (gap {gap:+.3f}, spread "
-                     f"{spread:.3f}).")
+        if base is not None and m != base:
+            lines.append("- " + comparison.verdict_line(summary, m, base, "test/auc"))
     lines += ["", "Figures: `test_auc.png`, `unlabeled_training.png` (mask rate and pseudo-label "
               "accuracy on the unlabeled set, mean over seeds), `per_class_recall.png`.", "",
               "Run time per method (s, mean over seeds): " + ", ".join(

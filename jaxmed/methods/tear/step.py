@@ -12,10 +12,9 @@ batch (global, every leaf sharded on the mesh's `data` axis):
 
 Per-sample unlabeled loss weights (for methods built on top, e.g. HTL's "attend who is
 weak"): every unlabeled loss term (L_u, AdaPL, FreeMatch's fairness selection does not
-weigh) is multiplied per sample by `state.ssl.weights[index]` (a (num_slots,) float32 array
-in the state, 1 at init, checkpointed; replace it with `state.replace(ssl=state.ssl.replace(
-weights=w))` from a `state_hook`) times `batch["unlabeled"]["weight"]` when the batch has
-that field. Weights never change masks, pseudo labels or memories.
+weigh) is multiplied per sample by `state.sample_weight[index]` (the kit's (num_slots,)
+float32 table, 1 at init, checkpointed; replace it with `state.replace(sample_weight=w)` from a
+`state_hook`) times `batch["unlabeled"]["weight"]` when the batch has that field. Weights never change masks, pseudo labels or memories.
 
 The student sees [labeled weak | unlabeled weak | unlabeled strong] in ONE forward pass (the
 views an algorithm uses: pseudo-label needs no strong view), so BatchNorm statistics are those
@@ -52,12 +51,13 @@ from jaxmed.methods.tear import pseudo_labels as pl_lib
 from jaxmed.methods.tear import thresholds as th_lib
 from jaxmed.methods.tear.algorithms import Algorithm
 from jaxmed.methods.tear.teacher import EmaTeacher, ema_teacher_update
+from jaxmed.train.hyper import FromConfig
 from jaxmed.train.state import TrainState
 from jaxmed.train.steps import forward
 
 
 @dataclasses.dataclass(frozen=True)
-class Hyper:
+class Hyper(FromConfig):
     """Plain hyper-parameters the step closes over (from config.ssl; defaults: spec / USB)."""
     num_classes: int
     total_steps: int
@@ -87,7 +87,6 @@ class SSLMemory:
     soft: th_lib.SoftMatchState | None = None
     adapl: adapl_lib.AdaPLMemory | None = None
     iph: proto_lib.IPHState | None = None
-    weights: jax.Array | None = None  # (num_slots,) per-sample unlabeled loss weights
 
 
 @flax.struct.dataclass
@@ -108,13 +107,15 @@ def init_memory(alg: Algorithm, hp: Hyper, *, params, batch_stats, num_slots: in
         free=th_lib.FreeMatchState.init(c) if alg.mask == "free" else None,
         soft=th_lib.SoftMatchState.init(c) if alg.mask == "soft" else None,
         adapl=adapl_lib.AdaPLMemory.init(num_slots) if alg.adapl else None,
-        iph=proto_lib.IPHState.init(c, feature_dim) if alg.iph else None,
-        weights=jnp.ones((num_slots,), jnp.float32))
+        iph=proto_lib.IPHState.init(c, feature_dim) if alg.iph else None)
 
 
-def create_ssl_state(state: TrainState, memory: SSLMemory) -> SSLState:
+def create_ssl_state(state: TrainState, memory: SSLMemory, num_slots: int) -> SSLState:
+    """The SSL state: `state`, the algorithm's memories and a weight-1 `sample_weight` table of
+    `num_slots` entries (the unlabeled loss weights by stable index)."""
     return SSLState(step=state.step, params=state.params, batch_stats=state.batch_stats,
-                    opt_state=state.opt_state, masks=state.masks, rng=state.rng, ssl=memory)
+                    opt_state=state.opt_state, masks=state.masks, rng=state.rng,
+                    sample_weight=jnp.ones((num_slots,), jnp.float32), ssl=memory)
 
 
 def freematch_fairness(mask, logits_s, p_model, label_hist, valid):
@@ -181,7 +182,7 @@ def make_ssl_step(model, tx, alg: Algorithm, hp: Hyper, *, unlabeled_labels=None
         uv, ui = ulb["valid"], ulb["index"].astype(jnp.int32)
         uvf = uv.astype(jnp.float32)
         n_valid = jnp.maximum(jnp.sum(uvf), 1.0)
-        weight = mem.weights[ui]
+        weight = state.sample_weight[ui]
         if "weight" in ulb:
             weight = weight * ulb["weight"].astype(jnp.float32)
         probs_w = jax.nn.softmax(jax.lax.stop_gradient(uw), axis=-1)

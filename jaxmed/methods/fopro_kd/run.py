@@ -1,15 +1,16 @@
-"""One (method, seed) run of the comparison on the kit's loop, and what it leaves for the report.
+"""One (method, seed) run of the comparison on the kit (`jaxmed.train.run.fit`), and what it
+leaves for the report.
 
 `build_method` makes the initial state, the teacher pytree and the jitted steps (one compile
-per method); `run_one` trains (resuming from its checkpoints), evaluates on test and returns a
-flat dict of metrics (`test/...`, per-class recall `test/recall/<c>`), and for FPG methods saves
-the prompt (`prompt.npz`) the report draws.
+per method); `run_one` (the comparison's) trains (resuming from its checkpoints), evaluates on
+test and returns a flat dict of metrics (`test/...`, per-class recall `test/recall/<class
+name>`), and for FPG methods saves the prompt (`prompt.npz`) the report draws.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import logging
 import os
 from typing import Any
@@ -22,32 +23,34 @@ import optax
 from jaxmed import fourier, losses, metrics
 from jaxmed.data import image_channels, image_size
 from jaxmed.data.pipeline import Preprocess, train_stream
-from jaxmed.methods.fopro_kd import objectives, trainer
+from jaxmed.methods.fopro_kd import objectives, step
 from jaxmed.methods.fopro_kd.heads import ProjectorHeads
 from jaxmed.train import build, sharding
 from jaxmed.train.evaluate import Evaluator
-from jaxmed.train.loop import LoopSettings, train_loop
-from jaxmed.train.writers import MetricWriter
+from jaxmed.train.run import (Durations, Run, durations, eval_preprocess, fit, loop_settings,
+                              run_meta, steps_per_epoch, stream_factory)
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Built:
-    setup: trainer.Setup
-    state: trainer.KDState  # initial, replicated
+class MethodSteps:
+    """One method's jitted steps, the static `Setup` they close over, and the replicated state
+    and teacher pytree they start from."""
+
+    setup: step.Setup
+    state: step.KDState  # initial, replicated
     teacher: dict  # {'variables'[, 'probe']}, replicated; {} for student-only methods
     train_step: Any  # jitted (state, teacher, batch)
     eval_step: Any  # jitted (state, batch)
-    steps_per_epoch: int
-    total_steps: int
+    durations: Durations
     teacher_dim: int  # the teacher's feature size (Teacher.feature_dim)
 
 
-def evaluate_split(evaluator: Evaluator, state, split: str, groups) -> dict:
-    """The comparison's metrics of one split: accuracy, balanced accuracy, macro F1, head /
-    medium / tail accuracy and per-class recall."""
-    out = evaluator.predict(state, split)
+def long_tailed_metrics(out: dict, groups, class_names) -> dict:
+    """The comparison's metrics of one split (the evaluator's `metrics_fn`): accuracy, balanced
+    accuracy, macro F1, head / medium / tail accuracy and per-class recall
+    (`recall/<class name>`)."""
     probs, labels = out["probs"], np.asarray(out["label"], np.int64)
     pred = probs.argmax(-1)
     base = metrics.single_label_metrics(probs, labels)
@@ -55,7 +58,7 @@ def evaluate_split(evaluator: Evaluator, state, split: str, groups) -> dict:
            "f1_macro": base["f1"], "auc": base["auc"], "loss": float(np.mean(out["loss"]))}
     res.update(metrics.group_accuracies(labels, pred, groups))
     recall = metrics.per_class_recall(labels, pred, probs.shape[-1])
-    res.update({f"recall/{c}": float(r) for c, r in enumerate(recall)})
+    res.update({f"recall/{name}": float(r) for name, r in zip(class_names, recall)})
     return res
 
 
@@ -64,7 +67,7 @@ def _window(kd_cfg, size: int):
     return None if beta >= 1.0 else fourier.low_frequency_window(size, size, beta)
 
 
-def build_method(config, method: str, seed: int, ds, teacher_model, mesh) -> Built:
+def build_method(config, method: str, seed: int, ds, teacher_model, mesh) -> MethodSteps:
     """State, teacher pytree and jitted steps of one method (teacher_model: a `Teacher` or
     None for student-only methods)."""
     info, kd, tcfg = ds.info, config.kd, config.train
@@ -73,63 +76,57 @@ def build_method(config, method: str, seed: int, ds, teacher_model, mesh) -> Bui
     if (counts == 0).any():
         raise ValueError(f"classes {np.flatnonzero(counts == 0).tolist()} have no training "
                          "sample: the long-tailed losses need every class")
-    spe = len(ds["train"]) // tcfg.batch_size
-    if spe == 0:
-        raise ValueError(f"config.train.batch_size={tcfg.batch_size} is larger than the "
-                         f"{len(ds['train'])} training images of {info.name}")
-    total = build.total_steps(tcfg, spe)
+    d = durations(tcfg, steps_per_epoch(len(ds["train"]), tcfg.batch_size,
+                                        f"training images of {info.name}"))
     model = build.build_model(config.model, info.num_classes)
     init_rng, heads_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
     variables = build.init_variables(model, config.model, init_rng, (size, size, channels))
     params = {"backbone": variables["params"]}
     stats = {"backbone": variables.get("batch_stats", {})}
-    needs_teacher = method not in trainer.STUDENT_ONLY
+    needs_teacher = method not in step.STUDENT_ONLY
     if needs_teacher and teacher_model is None:
         raise ValueError(f"method {method!r} needs a teacher (config.kd.teacher)")
     heads = None
-    if method in trainer.WITH_HEADS:
+    if method in step.WITH_HEADS:
         heads = ProjectorHeads(teacher_model.feature_dim, info.num_classes,
                                hidden=kd.projector_hidden, dtype=jnp.dtype(config.model.dtype))
         feat = jax.eval_shape(lambda v, x: model.apply(v, x, train=False, features=True)[1],
                               variables, jnp.zeros((1, size, size, channels)))
         hv = jax.device_get(dict(heads.init(heads_rng, jnp.zeros(feat.shape, jnp.float32))))
         params["heads"], stats["heads"] = hv["params"], hv["batch_stats"]
-    tx = build.make_optimizer(tcfg, total)
-    kd_weights = (np.asarray(losses.class_balanced_weights(counts, kd.cb_beta))
-                  if kd.kd_class_weights else None)
-    setup = trainer.Setup(
-        method=method, model=model, heads=heads, tx=tx, class_counts=counts,
+    tx = build.make_optimizer(tcfg, d.total)
+    setup = step.Setup.from_config(
+        kd, method=method, model=model, heads=heads, tx=tx, class_counts=counts,
         compute_dtype=jnp.dtype(config.model.dtype),
         prompt_tx=optax.adam(kd.fpg.lr) if method == "ekd_fpg_adv" else None,
-        teacher_model=teacher_model.model if needs_teacher else None,
+        teacher_net=teacher_model.model if needs_teacher else None,
         teacher_size=teacher_model.image_size if needs_teacher else 0,
         teacher_logits=("head" if needs_teacher and teacher_model.num_classes ==
                         info.num_classes else "probe"),
-        window=_window(kd, size), w_kd=kd.w_kd, kd_class_weights=kd_weights,
-        w_hinton=kd.w_hinton, temperature=kd.temperature, w_feature=kd.w_feature,
-        ldam_max_margin=kd.ldam_max_margin, ldam_scale=kd.ldam_scale,
-        drw_start=int(kd.drw_start * total), cb_beta=kd.cb_beta, focal_gamma=kd.focal_gamma,
-        la_tau=kd.la_tau, fpg_penalty=kd.fpg.penalty)
+        window=_window(kd, size), fpg_penalty=kd.fpg.penalty,
+        kd_class_weights=(np.asarray(losses.class_balanced_weights(counts, kd.cb_beta))
+                          if kd.kd_class_weights else None),
+        drw_start=d.fraction(kd.drw_start))
     full = {"student": params}
     opt_state = {"student": tx.init(params)}
-    if method in trainer.PROMPTED:
+    if method in step.PROMPTED:
         full["prompt"] = fourier.init_prompt(size, size, channels)
         if method == "ekd_fpg_adv":
             opt_state["prompt"] = setup.prompt_tx.init(full["prompt"])
-    state = trainer.KDState(step=jnp.zeros((), jnp.int32), params=full, batch_stats=stats,
-                            opt_state=opt_state, rng=state_rng)
+    state = step.KDState(step=jnp.zeros((), jnp.int32), params=full, batch_stats=stats,
+                         opt_state=opt_state, rng=state_rng)
     teacher = {"variables": teacher_model.variables} if needs_teacher else {}
     rep = sharding.replicated(mesh)
-    return Built(setup, jax.device_put(state, rep), jax.device_put(teacher, rep),
-                 trainer.jit_train_step(setup, mesh), trainer.jit_eval_step(setup, mesh),
-                 spe, total,
-                 0 if teacher_model is None else teacher_model.feature_dim)
+    return MethodSteps(setup, jax.device_put(state, rep), jax.device_put(teacher, rep),
+                       step.jit_train_step(setup, mesh), step.jit_eval_step(setup, mesh), d,
+                       0 if teacher_model is None else teacher_model.feature_dim)
 
 
-def fit_probe_stage(config, built: Built, ds, seed: int, mesh, learn_prompt: bool,
+def fit_probe_stage(config, built: MethodSteps, ds, seed: int, mesh, learn_prompt: bool,
                     run_workdir: str) -> dict:
     """The discriminative FPG (prompt + probe) or a probe alone on the frozen teacher, for
-    `config.kd.fpg.steps` steps; saved to run_workdir/fpg_stage.npz and read back on resume."""
+    `config.kd.fpg.steps` steps; saved to run_workdir/fpg_stage.npz and read back on resume.
+    (A fixed number of steps with nothing to select or evaluate: a plain loop, not a `fit`.)"""
     path = os.path.join(run_workdir, "fpg_stage.npz")
     if os.path.exists(path):
         with np.load(path) as z:
@@ -145,15 +142,15 @@ def fit_probe_stage(config, built: Built, ds, seed: int, mesh, learn_prompt: boo
     tx = optax.adam(kd.fpg.lr)
     pstate = jax.device_put({"params": params, "opt_state": tx.init(params)},
                             sharding.replicated(mesh))
-    step = trainer.jit_probe_step(built.setup, tx, learn_prompt, mesh)
-    bs = config.train.batch_size
-    epochs = -(-kd.fpg.steps // max(len(ds["train"]) // bs, 1))
-    stream = train_stream(ds["train"], global_batch=bs, preprocess=Preprocess(
-        size, channels, config.data.train_augment, seed, config.data.on_error), seed=seed + 7919,
-        num_epochs=max(epochs, 1), num_workers=config.data.num_workers)
+    probe_step = step.jit_probe_step(built.setup, tx, learn_prompt, mesh)
+    d = Durations(built.durations.steps_per_epoch, kd.fpg.steps)
+    pre = Preprocess(size, channels, config.data.train_augment, seed, config.data.on_error)
+    stream = train_stream(ds["train"], global_batch=config.train.batch_size, preprocess=pre,
+                          seed=seed + 7919, num_epochs=d.num_epochs,
+                          num_workers=config.data.num_workers)
     m = {}
-    for _ in range(kd.fpg.steps):
-        pstate, m = step(pstate, built.teacher, sharding.to_global(next(stream), mesh))
+    for _ in range(d.total):
+        pstate, m = probe_step(pstate, built.teacher, sharding.to_global(next(stream), mesh))
     out = jax.device_get(pstate["params"])
     log.info("FPG stage (%s): %s", "prompt + probe" if learn_prompt else "probe",
              {k: float(v) for k, v in jax.device_get(m).items()})
@@ -164,9 +161,11 @@ def fit_probe_stage(config, built: Built, ds, seed: int, mesh, learn_prompt: boo
     return out
 
 
-def run_one(config, method: str, seed: int, run_workdir: str, ds, teacher_model, mesh) -> dict:
-    """Train and test one (method, seed); returns flat `test/...` metrics."""
-    info = ds.info
+def run_one(method: str, seed: int, run_workdir: str, config, *, ds, teacher_model,
+            mesh) -> dict:
+    """The comparison's `run_one`: train and test one (method, seed) under its sub-config;
+    returns flat `test/...` metrics."""
+    info, tcfg = ds.info, config.train
     built = build_method(config, method, seed, ds, teacher_model, mesh)
     state, teacher = built.state, built.teacher
     if method == "ekd_fpg" or (method == "hinton_kd" and built.setup.teacher_logits == "probe"):
@@ -174,34 +173,21 @@ def run_one(config, method: str, seed: int, run_workdir: str, ds, teacher_model,
         rep = sharding.replicated(mesh)
         teacher = {**teacher, "probe": jax.device_put(stage["probe"], rep)}  # no round trip
         if method == "ekd_fpg":
-            params = dict(state.params)
-            params["prompt"] = jax.device_put(stage["prompt"], rep)
-            state = state.replace(params=params)
-    size = image_size(config.data, info)
-    channels = image_channels(config.data, info)
+            state = state.replace(params={**state.params,
+                                          "prompt": jax.device_put(stage["prompt"], rep)})
     groups = metrics.class_groups(info.class_counts, tuple(config.kd.group_boundaries))
-    evaluator = Evaluator(built.eval_step, ds.splits, batch_size=config.train.eval_batch_size,
-                          preprocess=Preprocess(size, channels, "", seed, config.data.on_error),
-                          mesh=mesh, multi_label=False, num_workers=config.data.num_workers)
-    tcfg = config.train
-    epochs = max(tcfg.epochs, 1) if tcfg.steps <= 0 else -(-tcfg.steps // built.steps_per_epoch)
-    train_pre = Preprocess(size, channels, config.data.train_augment, seed, config.data.on_error)
-
-    def make_stream():
-        return train_stream(ds["train"], global_batch=tcfg.batch_size, preprocess=train_pre,
-                            seed=seed, num_epochs=epochs, num_workers=config.data.num_workers)
-
-    step_fn = built.train_step
-    writer = MetricWriter(run_workdir, enabled=sharding.is_lead_process())
-    try:
-        state, final = train_loop(
-            workdir=run_workdir, settings=LoopSettings.from_config(tcfg), state=state,
-            train_step=lambda s, b: step_fn(s, teacher, b), make_stream=make_stream,
-            evaluate=lambda s, split: evaluate_split(evaluator, s, split, groups), mesh=mesh,
-            writer=writer, meta={"config": json.loads(config.to_json()), "method": method,
-                                 "seed": seed}, global_batch=tcfg.batch_size)
-    finally:
-        writer.close()
+    evaluator = Evaluator(built.eval_step, ds.splits, batch_size=tcfg.eval_batch_size,
+                          preprocess=eval_preprocess(config, info, seed), mesh=mesh,
+                          multi_label=False, num_workers=config.data.num_workers,
+                          metrics_fn=functools.partial(long_tailed_metrics, groups=groups,
+                                                       class_names=info.class_names))
+    step_fn, d = built.train_step, built.durations
+    state, final = fit(Run(
+        mesh, state, lambda s, b: step_fn(s, teacher, b),
+        stream_factory(config, ds["train"], info, seed, d),
+        evaluator,
+        loop_settings(tcfg, d), tcfg.batch_size, d, run_meta(config, method=method, seed=seed),
+        ds=ds, evaluator=evaluator), run_workdir)
     if "prompt" in state.params and sharding.is_lead_process():
         np.savez(os.path.join(run_workdir, "prompt.npz"),
                  **jax.device_get(state.params["prompt"]))

@@ -1,11 +1,12 @@
-"""HTL training pieces: the state with per-sample loss weights, the train steps (segmentation
-and classification), the evaluation passes with per-sub-population metrics, class activation
-maps.
+"""HTL's pure steps: the train steps (segmentation and classification) with per-sample loss
+weights, the predictions (masks, probabilities, class activation maps) and the evaluation
+passes with per-sub-population metrics.
 
-The attention to hard samples lives in the state (`HtlState.sample_weight`, a table indexed by
-the records' stable `index`): the steps read it, the identification hook (`driver.py`)
-rewrites it, and it is jitted, donated and checkpointed with everything else. A weight-1 table
-is the plain objective, so the baseline and both attentions run the same compiled step.
+The attention to hard samples lives in the state (the kit's `TrainState.sample_weight`, a table
+indexed by the records' stable `index`): the steps read it, the identification hook
+(`attention.py`) rewrites it, and it is jitted, donated and checkpointed with everything else.
+A weight-1 table is the plain objective, so the baseline and both attentions run the same
+compiled step.
 
 Decisions:
   - weighted loss: sum_i w_i l_i / (number of valid samples), i.e. an HTL sample's loss counts
@@ -18,11 +19,10 @@ Decisions:
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable
+import functools
+from typing import Callable
 
 import chex
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,20 +33,10 @@ from jaxmed.data import augment
 from jaxmed.methods.htl import identify
 from jaxmed.models.unet import encoder_of
 from jaxmed.train import steps
-from jaxmed.train.evaluate import predict
+from jaxmed.train.evaluate import Evaluator
 from jaxmed.train.state import TrainState
 
 MASK_LEVEL = 127  # decoded masks are 0/255
-
-
-@flax.struct.dataclass
-class HtlState(TrainState):
-    sample_weight: jax.Array = None  # float32 [index_bound]: loss weight per record index
-
-    @classmethod
-    def from_train_state(cls, state: TrainState, index_bound: int) -> "HtlState":
-        fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
-        return cls(**fields, sample_weight=jnp.ones((index_bound,), jnp.float32))
 
 
 def target_masks(mask):
@@ -76,7 +66,7 @@ def make_train_step(model, tx, *, task: str, compute_dtype=jnp.float32,
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(state: HtlState, batch: dict):
+    def step(state: TrainState, batch: dict):
         steps.check_batch(batch)
         if task == "segmentation":
             chex.assert_rank(batch["mask"], 3)
@@ -190,21 +180,24 @@ def classification_scores(probs, labels, attrs, cam=None, mask=None) -> dict[str
     return out
 
 
-@dataclasses.dataclass
-class SplitEvaluator:
-    """evaluate(state, split) -> metrics for the train loop: one sharded pass (`predict`)."""
+def evaluation_keys(task: str) -> tuple[str, ...]:
+    """The batch fields the task's metrics read beside the predictions."""
+    return ("index", "attrs") + (("mask",) if task != "classification" else ()) + (
+        ("label",) if task != "segmentation" else ())
 
-    predict_fn: Callable  # jitted (state, batch) -> per-sample outputs
-    batches: Callable[[str], Any]  # split -> host-local batches
-    mesh: Any
-    task: str  # 'segmentation', 'classification' or 'weak_localization'
 
-    def __call__(self, state, split: str) -> dict[str, float]:
-        keys = ("index", "attrs") + (("mask",) if self.task != "classification" else ()) + (
-            ("label",) if self.task != "segmentation" else ())
-        out = predict(lambda b: self.predict_fn(state, b), self.batches(split), self.mesh,
-                      keys=keys)
-        if self.task == "segmentation":
-            return segmentation_scores(out["pred"], out["mask"], out["attrs"])
-        return classification_scores(out["probs"], out["label"], out["attrs"],
-                                     out.get("cam"), out.get("mask"))
+def task_metrics(out: dict, task: str) -> dict[str, float]:
+    """The evaluator's `metrics_fn`: the task's scores overall and per sub-population."""
+    if task == "segmentation":
+        return segmentation_scores(out["pred"], out["mask"], out["attrs"])
+    return classification_scores(out["probs"], out["label"], out["attrs"], out.get("cam"),
+                                 out.get("mask"))
+
+
+def make_evaluator(predict_step, splits, *, task: str, batch_size: int, preprocess, mesh,
+                   num_workers: int):
+    """The kit's one `Evaluator` with the task's metrics (`predict_step`: jitted)."""
+    return Evaluator(predict_step, splits, batch_size=batch_size, preprocess=preprocess,
+                     mesh=mesh, multi_label=False, num_workers=num_workers,
+                     metrics_fn=functools.partial(task_metrics, task=task),
+                     keys=evaluation_keys(task))

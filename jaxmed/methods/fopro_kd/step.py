@@ -1,4 +1,4 @@
-"""FoPro-KD's trainer: every method of the comparison as module-level pure steps.
+"""FoPro-KD's steps: every method of the comparison as module-level pure steps.
 
 big_vision's distill pattern: the step sees the student and the frozen teacher side by side,
 `params['student']` (+ `params['prompt']` for the adversarial FPG) and `teacher = {'variables',
@@ -41,6 +41,7 @@ from jaxmed import fourier, losses
 from jaxmed.data import augment
 from jaxmed.methods.fopro_kd import objectives
 from jaxmed.train import sharding, steps
+from jaxmed.train.hyper import FromConfig
 
 METHODS = ("ce", "balanced_softmax", "ldam_drw", "focal", "class_balanced", "logit_adjusted",
            "hinton_kd", "feature_kd", "ekd", "ekd_fpg", "ekd_fpg_adv")
@@ -62,7 +63,7 @@ class KDState:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Setup:
+class Setup(FromConfig):
     """The static part of a method's steps (plain values, read at trace time only)."""
 
     method: str
@@ -72,7 +73,7 @@ class Setup:
     class_counts: np.ndarray
     compute_dtype: Any = jnp.float32
     prompt_tx: Any = None  # the adversarial prompt's optimizer
-    teacher_model: Any = None
+    teacher_net: Any = None  # the frozen teacher (flax module); its variables come per step
     teacher_size: int = 0  # teacher input side; 0 = the student's
     teacher_logits: str = "head"  # 'head' (own classifier) or 'probe'
     window: np.ndarray | None = None  # FPG low-frequency window (None: every frequency)
@@ -88,6 +89,15 @@ class Setup:
     focal_gamma: float = 2.0
     la_tau: float = 1.0
     fpg_penalty: float = 1.0
+
+    @classmethod
+    def from_config(cls, kd_cfg, **computed) -> "Setup":
+        """The fields named as `config.kd` keys (w_kd, temperature, ldam_scale, ...) from
+        `kd_cfg`, the rest from `computed`, which must hold the two keys a run turns into
+        values: drw_start (a step, not the fraction) and kd_class_weights (not the flag)."""
+        if not {"drw_start", "kd_class_weights"} <= set(computed):
+            raise TypeError("Setup.from_config needs drw_start and kd_class_weights computed")
+        return super().from_config(kd_cfg, **computed)
 
     @property
     def needs_teacher(self) -> bool:
@@ -193,7 +203,7 @@ def train_step(state: KDState, teacher, batch, *, setup: Setup):
         if setup.method == "ekd_fpg_adv":  # the prompt's move first (alternating steps)
             (_, pm), pgrad = jax.value_and_grad(objectives.fpg_adversarial_loss, has_aux=True)(
                 params["prompt"], tvars, out["proj"], {"image": images, "label": labels},
-                teacher_apply=teacher_features_fn(setup.teacher_model, setup.teacher_size),
+                teacher_apply=teacher_features_fn(setup.teacher_net, setup.teacher_size),
                 penalty=setup.fpg_penalty, window=setup.window,
                 kd_class_weights=setup.kd_class_weights)
             upd, opt_state["prompt"] = setup.prompt_tx.update(pgrad, opt_state["prompt"],
@@ -204,7 +214,7 @@ def train_step(state: KDState, teacher, batch, *, setup: Setup):
         if "prompt" in params:
             x = fourier.apply_prompt(jax.lax.stop_gradient(params["prompt"]), images,
                                      setup.window)
-        t_logits, t_feats = teacher_outputs(setup.teacher_model, setup.teacher_size, tvars, x)
+        t_logits, t_feats = teacher_outputs(setup.teacher_net, setup.teacher_size, tvars, x)
         if setup.teacher_logits == "probe" and "probe" in teacher:
             probe = jax.lax.stop_gradient(teacher["probe"])
             t_logits = t_feats @ probe["kernel"] + probe["bias"]
@@ -264,7 +274,7 @@ def probe_step(pstate, teacher, batch, *, setup: Setup, tx, learn_prompt: bool):
         return objectives.fpg_discriminative_loss(
             full, jax.lax.stop_gradient(teacher["variables"]),
             {"image": images, "label": batch["label"]},
-            teacher_apply=teacher_features_fn(setup.teacher_model, setup.teacher_size),
+            teacher_apply=teacher_features_fn(setup.teacher_net, setup.teacher_size),
             class_counts=setup.class_counts, window=setup.window if learn_prompt else None)
 
     (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(pstate["params"])
