@@ -315,6 +315,19 @@ def test_comparison_end_to_end(tmp_path):
     assert steps[2]["test/acc_task1"] == pytest.approx(agnostic[1, 1])
     assert steps[2]["test/acc"] == pytest.approx(res["test/acc"])
     assert not (tmp_path / "metrics.jsonl").exists()
+    # An unreadable per-task state (a truncated file) of an unfinished sub-run: set aside with
+    # a warning, that task trains again (its phases resume from their own checkpoints), and
+    # the sub-run ends with the same figures, each metrics.jsonl step written once.
+    ft = tmp_path / "runs" / "finetune" / "seed_0"
+    files = [p for p in (ft / "tasks" / "2").rglob("*") if p.is_file()]
+    biggest = max(files, key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 3])
+    (ft / "result.json").unlink()
+    again = biaspruner.train_and_evaluate(cfg, str(tmp_path))
+    assert (ft / "tasks.unreadable" / "2").is_dir() and (ft / "tasks" / "2").is_dir()
+    assert again["finetune/test/acc"] == pytest.approx(result["finetune/test/acc"], abs=1e-9)
+    steps = [json.loads(line)["step"] for line in open(ft / "metrics.jsonl")]
+    assert steps == [1, 2, 2]  # task accuracies at 1 and 2, the summary at 2
 
 
 def test_unknown_sensitive_attribute_fails_naming_the_key(tmp_path):

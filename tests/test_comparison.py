@@ -78,14 +78,66 @@ def test_adding_a_method_or_seed_runs_only_the_new_sub_runs(tmp_path):
 
 
 def test_half_done_sub_run_refuses_a_changed_hyper_parameter(tmp_path):
-    """A sub-run that started (config.json, results on disk) and did not finish never resumes
-    under another value of a key that changes results."""
+    """A comparison with a sub-run that started (config.json, checkpoints on disk) and did not
+    finish refuses a changed key that changes results, before anything moves."""
     w = str(tmp_path)
+    first = _config(("a",), (0,))
+    workdir.write_config(first, w)
     d = comparison.run_dir(w, "a", 0)
     os.makedirs(os.path.join(d, "checkpoints"))
-    workdir.write_config(comparison.sub_config(_config(("a",), (0,)), "cmp", "a", 0), d)
+    workdir.write_config(comparison.sub_config(first, "cmp", "a", 0), d)
     with pytest.raises(workdir.ConfigChangedError, match="train.lr"):
-        comparison.run_all(w, _config(("a",), (0,), lr=0.5), "cmp", _run_one([]))
+        workdir.write_config(_config(("a",), (0,), lr=0.5), w,
+                             harmless=comparison.harmless_keys("cmp"))
+    assert os.path.isdir(os.path.join(d, "checkpoints")) and not os.path.exists(d + ".old1")
+
+
+def test_an_accepted_config_change_reruns_sub_runs_and_keeps_the_old_ones(tmp_path):
+    """After --allow_config_change (the top-level history records it), a sub-run made under the
+    old config, finished or not, is never resumed nor reported under the new one: it is moved
+    aside whole, listed in report/superseded.csv, and run again."""
+    w, calls = str(tmp_path), []
+    old = _config(("a", "b"), (0,))
+    workdir.write_config(old, w)
+    comparison.run_all(w, old, "cmp", _run_one(calls))
+    half = comparison.run_dir(w, "b", 0)
+    os.remove(os.path.join(half, "result.json"))  # b never finished
+    os.makedirs(os.path.join(half, "checkpoints", "3"))
+    new = _config(("a", "b"), (0,), lr=0.5)
+    workdir.write_config(new, w, allow_changed=True)  # what main does with the flag
+    calls.clear()
+    res = comparison.run_all(w, new, "cmp", _run_one(calls))
+    assert sorted(calls) == [("a", 0), ("b", 0)]  # both again, under lr 0.5
+    for m in ("a", "b"):
+        d = comparison.run_dir(w, m, 0)
+        assert json.load(open(os.path.join(d, "config.json")))["train"]["lr"] == 0.5
+        assert json.load(open(d + ".old1/config.json"))["train"]["lr"] == 0.1
+    assert os.path.isdir(half + ".old1/checkpoints/3")  # kept whole
+    table = open(tmp_path / "report" / "superseded.csv").read()
+    assert "runs/a/seed_0.old1" in table and "train.lr: 0.1 -> 0.5" in table
+    assert len(res["a"]) == 1
+    calls.clear()
+    comparison.run_all(w, new, "cmp", _run_one(calls))
+    assert calls == []  # now current: nothing moves, nothing reruns
+
+
+def test_a_failed_start_leaves_a_comparison_fresh(tmp_path):
+    """A comparison whose first sub-run failed before writing anything (a bad key value) is a
+    fresh workdir: the corrected config is not refused as a change."""
+    w = str(tmp_path)
+    bad = _config(("a",), (0,), lr=-1.0)
+    workdir.write_config(bad, w)
+
+    def failing(method, seed, d, sub):
+        raise ValueError("config.train.lr=-1.0 must be > 0")
+
+    with pytest.raises(ValueError, match="lr=-1.0"):
+        comparison.run_all(w, bad, "cmp", failing)
+    assert os.path.exists(os.path.join(comparison.run_dir(w, "a", 0), "config.json"))
+    good = _config(("a",), (0,), lr=0.1)
+    assert workdir.check_config(good, w) == []
+    workdir.write_config(good, w)
+    comparison.run_all(w, good, "cmp", _run_one([]))  # the sub-run's config is fresh too
 
 
 def test_result_json_is_atomic_and_a_corrupt_one_is_named(tmp_path, monkeypatch):
@@ -156,7 +208,7 @@ def test_one_verdict_rule_two_standard_errors_and_three_seeds():
                               "a", "b", "m") == "too few seeds"
     s = comparison.summarize({"a": [{"m": 0.9}, {"m": 0.91}, {"m": float("nan")}],
                               "b": [{"m": 0.1}, {"m": 0.11}, {"m": 0.12}]}, ["m"])
-    assert s["a"]["seeds"] == 3 and s["a"]["m_n"] == 2
+    assert s["a"]["runs"] == 3 and s["a"]["seeds"] == s["a"]["m_n"] == 2
     assert comparison.verdict(s, "a", "b", "m") == "too few seeds"
     assert "too few seeds" in comparison.verdict_line(s, "a", "b", "m")
 

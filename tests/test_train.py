@@ -3,6 +3,7 @@ config validation, compile-once."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -101,6 +102,35 @@ def test_a_killed_attempts_records_are_dropped_on_resume(reference_run, tmp_path
     tb = tensorboard_steps(workdir, "train/loss")
     assert [s for s, _ in tb] == [2, 4, 6, 8, 10, 12]
     np.testing.assert_allclose([v for _, v in tb], [v for _, v in want], rtol=1e-6)
+
+
+def test_an_error_mid_run_lets_the_checkpoint_in_flight_commit(tmp_path):
+    """A run that fails (a corrupt image) right after starting the save of step 4 still
+    commits it: the rerun resumes from step 4, not from scratch."""
+    workdir = str(tmp_path / "failed")
+    proc = run_python(["tests/scripts/train_then_fail.py", workdir, "4"], check=False)
+    assert proc.returncode != 0 and "image 17 of the training set is corrupt" in proc.stderr
+    assert Checkpointer(os.path.join(workdir, "checkpoints"), keep=0).latest_step() == 4
+
+
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(reference_run, tmp_path):
+    """A file of the newest checkpoint truncated: the rerun warns naming it, moves it aside,
+    resumes from the step before and ends bitwise where the uninterrupted run did."""
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(reference_run, workdir)
+    state_dir = os.path.join(workdir, "checkpoints", "12", "state")
+    files = [os.path.join(r, f) for r, _, fs in os.walk(state_dir) for f in fs]
+    biggest = max(files, key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+        f.truncate(os.path.getsize(biggest) // 3)
+    proc = run_python([*CLI, f"--workdir={workdir}"])
+    assert "warning: checkpoint step 12" in proc.stdout and "unreadable" in proc.stdout
+    assert "resuming from checkpoint step 8" in proc.stdout
+    assert os.path.isdir(os.path.join(workdir, "checkpoints.unreadable", "12"))
+    got, _ = final_params(workdir)
+    want, _ = final_params(reference_run)
+    for a, b in zip(jax.tree.leaves(got["params"]), jax.tree.leaves(want["params"])):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_rerun_resumes_instead_of_restarting(reference_run):

@@ -15,12 +15,21 @@ checkpoints are ever listed or restored: a crash mid-save leaves the previous on
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a directory can be read back."""
 
 
 def _improvement(metrics) -> float:
@@ -78,6 +87,35 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(int(step), args=ocp.args.Composite(**items))
         return restored["state"], dict(restored["meta"] or {})
+
+    def restore_newest_intact(self, abstract_state: Any, *, data_iterator: Any = None
+                              ) -> tuple[int | None, Any, dict]:
+        """(step, state, meta) of the newest checkpoint that reads back whole; (None, the given
+        state, {}) when there is none. An unreadable one (a truncated or deleted file) is moved
+        to `<directory>.unreadable/<step>` with a warning naming it and the next older one is
+        tried; when every one fails the error names the directory."""
+        steps = sorted(self.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                state, meta = self.restore(step, abstract_state, data_iterator=data_iterator)
+                return step, state, meta
+            except Exception as e:  # noqa: BLE001 (orbax / tensorstore raise many kinds)
+                aside = os.path.join(self.directory + ".unreadable", str(step))
+                log.warning("checkpoint %s/%d is unreadable (%s: %s); moved to %s, trying the "
+                            "one before", self.directory, step, type(e).__name__,
+                            str(e).splitlines()[0][:200] if str(e) else "", aside)
+                print(f"warning: checkpoint step {step} in {self.directory} is unreadable "
+                      f"({type(e).__name__}); moved to {aside}", flush=True)
+                os.makedirs(os.path.dirname(aside), exist_ok=True)
+                if os.path.exists(aside):
+                    shutil.rmtree(aside)
+                os.replace(os.path.join(self.directory, str(step)), aside)
+                self.manager.reload()
+        if steps:
+            raise CheckpointError(f"no checkpoint in {self.directory} reads back (tried steps "
+                                  f"{steps}, now in {self.directory}.unreadable/): delete "
+                                  "the workdir's checkpoints/ to start over")
+        return None, abstract_state, {}
 
     def meta(self, step: int | None = None) -> dict:
         """The JSON item (config, loop bookkeeping) of a checkpoint, without the state."""

@@ -6,7 +6,11 @@ with methods = (method,), seeds = (s,), seed = s: a half-done sub-run never resu
 another value of a key that changes results) and, once finished, one atomic `result.json`: the
 only finished-run marker. A rerun skips finished sub-runs, so a crash or a kill costs at most
 the run in progress (which resumes from its own checkpoints). `methods` / `seeds` are harmless
-on resume: a new method or seed runs only its new sub-runs, a removed one drops its row.
+on resume: a new method or seed runs only its new sub-runs, a removed one drops its row. A sub-run
+never resumes, nor counts, under another value of a key that changes results: after a change
+accepted with `--allow_config_change`, a sub-run made under the old config (finished or not) is
+moved aside to `seed_<s>.old<k>/`, kept whole, listed in `report/superseded.csv`, and run again
+under the new one, so every row of the report comes from the config the report shows.
 
 `report/comparison.csv` has one row per method: `method`, `seeds`, the mean of each metric over
 the seeds and its sample standard deviation (`<metric>_std`, ddof 1; 0 with one seed); it and
@@ -123,14 +127,42 @@ def run_all(workdir: str, config, section: str,
     for method in s.methods:
         for seed in s.seeds:
             d = run_dir(workdir, method, seed)
+            sub = sub_config(config, section, method, seed)
+            _supersede_if_changed(workdir, sub, d, harmless)
             result = read_result(d)
             if result is None:  # every process takes part in the run; the lead writes
-                sub = sub_config(config, section, method, seed)
                 write_config(sub, d, harmless=harmless)
                 result = {k: _to_float(v) for k, v in dict(run_one(method, seed, d, sub)).items()}
                 write_result(d, result)
             results.setdefault(method, []).append(result)
     return results
+
+
+def _supersede_if_changed(workdir: str, sub, d: str, harmless: tuple[str, ...]) -> None:
+    """Move a sub-run made under another config aside (`<d>.old<k>`) and record it. The
+    comparison's own config check has passed (or the change was accepted), so the difference is
+    one the user asked for; the old sub-run is kept, never resumed or reported."""
+    from jaxmed.train import workdir as workdir_lib
+
+    changes = workdir_lib.check_config(sub, d, allow_changed=True, harmless=harmless)
+    if not changes:
+        return
+    if sharding.is_lead_process():
+        k = 1
+        while os.path.exists(f"{d}.old{k}"):
+            k += 1
+        os.replace(d, f"{d}.old{k}")
+        listing = "; ".join(f"{key}: {was!r} -> {now!r}" for key, was, now in changes)
+        log.warning("%s was made under another config (%s): moved to %s.old%d, run again",
+                    d, listing, d, k)
+        path = os.path.join(workdir, "report", "superseded.csv")
+        rows = []
+        if os.path.exists(path):
+            with open(path) as f:
+                rows = [line.rstrip("\n").split(",", 1) for line in f][1:]
+        write_csv(path, ["moved_to", "changes"],
+                  [*rows, [os.path.relpath(f"{d}.old{k}", workdir), listing.replace(",", ";")]])
+    sharding.barrier("jaxmed_supersede")
 
 
 def compare(workdir: str, config, section: str, run_one, report: Callable[[dict], dict | None],
@@ -158,16 +190,24 @@ def _finite(v) -> bool:
 
 def summarize(results: Mapping[str, Sequence[Mapping]], metrics: Sequence[str]
               ) -> dict[str, dict[str, float]]:
-    """{method: {metric: mean, metric_std: sd, metric_n: finite values, 'seeds': runs}}: a
-    non-finite value is left out of the mean, the sd and the count a verdict needs."""
+    """{method: {metric: mean, metric_std: sd, metric_n: finite values, 'seeds': n, 'runs':
+    runs}}: a non-finite value is left out of the mean, the sd and the count a verdict needs;
+    `seeds` (comparison.csv's column) is the fewest finite values of any metric that has one,
+    so a seed whose metric is NaN is not counted as if it had given a number."""
     out = {}
     for method, runs in results.items():
-        row: dict[str, float] = {"seeds": len(runs)}
+        row: dict[str, float] = {"runs": len(runs)}
         for m in metrics:
             vals = np.asarray([r[m] for r in runs if _finite(r.get(m))], np.float64)
             row[m] = float(vals.mean()) if len(vals) else math.nan
             row[f"{m}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
             row[f"{m}_n"] = len(vals)
+        counts = [row[f"{m}_n"] for m in metrics if row[f"{m}_n"]]
+        row["seeds"] = min(counts) if counts else 0
+        if counts and min(counts) < len(runs):
+            log.warning("%s: %d of %d runs have a non-finite %s", method,
+                        len(runs) - min(counts), len(runs),
+                        [m for m in metrics if 0 < row[f"{m}_n"] < len(runs)])
         out[method] = row
     return out
 

@@ -85,9 +85,8 @@ def train_loop(*, workdir: str, settings: LoopSettings, state: Any, train_step: 
                 stream.num_epochs * spe)
     book = {"best_value": None, "best_step": None, "bad_evals": 0, "stopped_early": False,
             "last_eval_step": None, "improvements": 0}
-    latest = ckpt.latest_step()
+    latest, state, saved = ckpt.restore_newest_intact(state, data_iterator=stream.iterator)
     if latest is not None:
-        state, saved = ckpt.restore(latest, state, data_iterator=stream.iterator)
         book.update(saved.get("loop", {}))
         log.info("resumed from %s at step %d", ckpt.directory, latest)
         print(f"resuming from checkpoint step {latest} in {ckpt.directory}", flush=True)
@@ -131,48 +130,54 @@ def train_loop(*, workdir: str, settings: LoopSettings, state: Any, train_step: 
         ckpt.save(step, state, data_iterator=stream.iterator, meta={**meta, "loop": book},
                   metrics=metrics)
 
-    if step == 0:  # (a resumed state already holds the hooks' effects up to its step)
-        for transform in state_hooks:
-            state = transform(0, state)
-    stop = bool(book["stopped_early"])
-    first = True
-    while step < total and not stop:
-        batch = next(stream)
-        if first:  # what this process feeds (multi-host runs: its own share of every batch)
-            rows = len(jax.tree.leaves(batch)[0])
-            print(f"process {jax.process_index()}/{jax.process_count()}: "
-                  f"{jax.local_device_count()} of {jax.device_count()} devices, {rows} rows of "
-                  f"each global batch of {global_batch or '?'}", flush=True)
-            first = False
-        state, metrics = train_step(state, sharding.to_global(batch, mesh))
-        step += 1
-        bar.update(1)
-        pending.append((step, metrics))
-        for transform in state_hooks:
-            state = transform(step, state)
-        if step % settings.log_every == 0:
-            flush()
-        best = None
-        if (eval_every > 0 and step % eval_every == 0) or step == total:
-            flush()
-            stop, best = _evaluate_and_select(state, step, evaluate, eval_splits, writer,
-                                              settings, book)
-        if best is not None or step % ckpt_every == 0 or stop or step == total:
-            save(best)
-        for hook in hooks:
-            hook(step, state)
-    flush()
-    bar.close()
-    if ckpt.latest_step() != step:
-        save()
-    ckpt.wait()
-    if settings.early_stop_metric and book["best_step"] is not None:
-        state, _ = ckpt.restore(book["best_step"], state)
-        log.info("final evaluation with the best checkpoint (step %s)", book["best_step"])
-    final = {}
-    if final_split:
-        final = evaluate(state, final_split)
-        writer.write(step, {f"{final_split}/{k}": v for k, v in final.items()})
+    try:
+        if step == 0:  # (a resumed state already holds the hooks' effects up to its step)
+            for transform in state_hooks:
+                state = transform(0, state)
+        stop = bool(book["stopped_early"])
+        first = True
+        while step < total and not stop:
+            batch = next(stream)
+            if first:  # what this process feeds (multi-host runs: its own share of every batch)
+                rows = len(jax.tree.leaves(batch)[0])
+                print(f"process {jax.process_index()}/{jax.process_count()}: "
+                      f"{jax.local_device_count()} of {jax.device_count()} devices, {rows} rows of "
+                      f"each global batch of {global_batch or '?'}", flush=True)
+                first = False
+            state, metrics = train_step(state, sharding.to_global(batch, mesh))
+            step += 1
+            bar.update(1)
+            pending.append((step, metrics))
+            for transform in state_hooks:
+                state = transform(step, state)
+            if step % settings.log_every == 0:
+                flush()
+            best = None
+            if (eval_every > 0 and step % eval_every == 0) or step == total:
+                flush()
+                stop, best = _evaluate_and_select(state, step, evaluate, eval_splits, writer,
+                                                  settings, book)
+            if best is not None or step % ckpt_every == 0 or stop or step == total:
+                save(best)
+            for hook in hooks:
+                hook(step, state)
+        flush()
+        bar.close()
+        if ckpt.latest_step() != step:
+            save()
+        ckpt.wait()
+        if settings.early_stop_metric and book["best_step"] is not None:
+            state, _ = ckpt.restore(book["best_step"], state)
+            log.info("final evaluation with the best checkpoint (step %s)", book["best_step"])
+        final = {}
+        if final_split:
+            final = evaluate(state, final_split)
+            writer.write(step, {f"{final_split}/{k}": v for k, v in final.items()})
+    except BaseException:
+        # a bad batch, a NaN, a kill signal: let the save in flight commit first, so the
+        # rerun resumes from it instead of an older step (or step 0)
+        ckpt.close()
+        raise
     ckpt.close()
     return state, final
 

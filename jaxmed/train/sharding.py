@@ -68,3 +68,10 @@ def to_host(tree: Any) -> Any:
 
 def is_lead_process() -> bool:
     return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (no-op for one process): what the lead
+    wrote before it is there for the others after it."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

@@ -48,9 +48,18 @@ def _as_json(config) -> dict:
 
 
 def has_results(workdir: str) -> bool:
-    """Whether a run in `workdir` got as far as writing results (checkpoints, metrics, sub-runs,
-    reports): a start that failed before that (a bad batch size, say) leaves a fresh workdir."""
-    return os.path.isdir(workdir) and bool(set(os.listdir(workdir)) - NO_RESULTS)
+    """Whether a run in `workdir` got as far as writing results (checkpoints, metrics, reports,
+    a sub-run with results): a start that failed before that (a bad batch size, say) leaves a
+    fresh workdir, a comparison's included (its sub-runs' folders hold only their config)."""
+    if not os.path.isdir(workdir):
+        return False
+    rest = set(os.listdir(workdir)) - NO_RESULTS
+    if rest == {"runs"}:  # a comparison: results only if one of its sub-runs has some
+        runs = os.path.join(workdir, "runs")
+        return any(has_results(os.path.join(runs, m, s)) for m in os.listdir(runs)
+                   if os.path.isdir(os.path.join(runs, m))
+                   for s in os.listdir(os.path.join(runs, m)))
+    return bool(rest)
 
 
 def effective_config(workdir: str) -> dict | None:

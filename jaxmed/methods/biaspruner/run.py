@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -73,8 +74,11 @@ def run_method(seq: TaskSequence, workdir: str, name: str, method: Method) -> di
             done = set(store.all_steps())
             for t in range(t_max):
                 if t + 1 in done:
-                    state, _ = store.restore(t + 1, state)
-                else:
+                    try:
+                        state, _ = store.restore(t + 1, state)
+                    except Exception as e:  # noqa: BLE001 (a truncated or deleted file)
+                        done = set_aside_from(store, t + 1, e)
+                if t + 1 not in done:
                     log.info("%s: task %d / %d", name, t + 1, t_max)
                     state = seq.replicate(method.train_task(seq, setup, state, t,
                                                             os.path.join(workdir, f"task_{t}")))
@@ -93,6 +97,26 @@ def run_method(seq: TaskSequence, workdir: str, name: str, method: Method) -> di
     masks = method.mask_report(jax.device_get(state)) if method.mask_report else None
     return {**summary, "details": {**{k: v.tolist() for k, v in acc.items()},
                                    "fairness": [e.fairness for e in evals], "masks": masks}}
+
+
+def set_aside_from(store: Checkpointer, step: int, error: Exception) -> set[int]:
+    """The state after task `step` - 1 does not read back: move it and every later task's
+    state (trained from it) to `tasks.unreadable/`, with a warning naming them, so that those
+    tasks train again; returns the task states left."""
+    later = [s for s in store.all_steps() if s >= step]
+    aside = store.directory + ".unreadable"
+    print(f"warning: {store.directory}/{step} is unreadable ({type(error).__name__}); "
+          f"tasks {later} move to {aside} and train again", flush=True)
+    if sharding.is_lead_process():
+        os.makedirs(aside, exist_ok=True)
+        for s in later:
+            target = os.path.join(aside, str(s))
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(store.directory, str(s)), target)
+    sharding.barrier("jaxmed_task_states")
+    store.manager.reload()
+    return set(store.all_steps())
 
 
 def summarize_run(acc: dict[str, np.ndarray], evals: list[TaskEval]) -> dict:
