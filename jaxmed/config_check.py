@@ -10,7 +10,12 @@ import os
 import ml_collections
 
 
-class ConfigKeyError(KeyError):
+class UserError(Exception):
+    """A fault in what the user gave (a config value, a data file, a workdir) whose message
+    names it: `jaxmed` prints the message in one line and exits 2 instead of a traceback."""
+
+
+class ConfigKeyError(KeyError, UserError):
     def __str__(self) -> str:  # KeyError quotes its message; print it plainly
         return str(self.args[0])
 

@@ -17,7 +17,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxmed import methods
-from jaxmed.config_check import ConfigKeyError, check_keys, check_values
+from jaxmed.config_check import ConfigKeyError, UserError, check_keys, check_values
 
 METHODS = methods.REGISTRY
 
@@ -49,7 +49,10 @@ def validate(config):
     module = method_module(config)
     check_keys(config, module.default_config())
     check_values(config)
-    try:  # the method's own checks (tuples, ranges...)
+    try:  # the data's and the method's own checks (tuples, ranges...)
+        from jaxmed import data as data_lib
+
+        data_lib.check_config(config.data)
         module.check_config(config)
     except ValueError as e:
         raise ConfigKeyError(str(e)) from None
@@ -120,7 +123,12 @@ def main(argv) -> None:
         if FLAGS.allow_config_change:
             workdir_lib.write_config(FLAGS.config, FLAGS.workdir, allow_changed=True,
                                      harmless=harmless)
-        result = module.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        try:
+            result = module.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        except (UserError, FileNotFoundError) as e:  # a bad data file, value or workdir found
+            # once the run started: the message names it
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     if jax.process_index() == 0:
         print("final:", {k: round(v, 4) if isinstance(v, float) else v
                          for k, v in (result or {}).items()}, flush=True)

@@ -272,3 +272,116 @@ def test_mimic_paths_outside_the_root_are_refused_naming_the_row(tmp_path, bad):
     with pytest.raises(tables.DataFormatError, match=re.escape(
             f"miccai2023_mimic-cxr-lt_labels_val.csv, line 3: path={bad!r} is not a path inside")):
         data_lib.build(data_config("mimic_cxr_lt", root))
+
+
+# ------------------------------------------------- classes the training split never saw
+def _labels_npz(path, train, val, test, *, width=None):
+    """A MedMNIST-like .npz with the given label lists (multi-hot rows if `width`)."""
+    arrays = {}
+    for s, y in (("train", train), ("val", val), ("test", test)):
+        y = np.asarray(y, np.int64)
+        arrays[f"{s}_images"] = np.full((len(y), 28, 28), 7, np.uint8)
+        arrays[f"{s}_labels"] = y if width else y[:, None]
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_a_class_only_val_or_test_holds_is_refused_naming_file_split_and_class(tmp_path):
+    # unknown stem: the class count comes from the labels; test holds class 5 (3 times) and
+    # class 3 (once), val class 4, train only 0-1: refused, not a silent 6-class head
+    path = _labels_npz(tmp_path / "mine.npz", [0, 1] * 10, [0, 4, 1], [0, 5, 5, 1, 3, 5])
+    with pytest.raises(ValueError) as err:
+        data_lib.build(data_config("medmnist", path))
+    msg = str(err.value)
+    assert msg.startswith(f"medmnist ({path}): "), msg
+    assert ("1 class(es) with sample(s) in the val split but none in train: class 4 "
+            "('class_4'): 1; 2 class(es) with sample(s) in the test split but none in train: "
+            "class 3 ('class_3'): 1, class 5 ('class_5'): 3;") in msg, msg
+    assert "config.data.num_classes=6" in msg
+    # stated by the user: accepted, with that many classes; a smaller count bounds the labels
+    ds = data_lib.build(data_config("medmnist", path, num_classes=6))
+    assert ds.info.num_classes == 6 and ds.info.class_counts.tolist() == [10, 10, 0, 0, 0, 0]
+    assert data_lib.build(data_config("medmnist", path, num_classes=8)).info.num_classes == 8
+    with pytest.raises(tables.DataFormatError, match=re.escape(
+            f"{path} (val split): val_labels[1] = 4") + r".*config.data.num_classes=4"):
+        data_lib.build(data_config("medmnist", path, num_classes=4))
+    # a known dataset (fixed names): the val split's class 1 that train lacks
+    known = _labels_npz(tmp_path / "pneumoniamnist.npz", [0] * 8, [1, 0, 1], [0, 0])
+    with pytest.raises(ValueError, match=re.escape(known) + r".*in the val split but none in "
+                                         r"train: class 1 \('pneumonia'\): 2"):
+        data_lib.build(data_config("medmnist", known))
+    with pytest.raises(ValueError, match=r"config.data.num_classes=3 but medmnist .*has 2 "):
+        data_lib.build(data_config("medmnist", known, num_classes=3))
+    assert data_lib.build(data_config("medmnist", known, num_classes=2)).info.num_classes == 2
+    # multi-label: a finding with test positives and no training positive
+    chest = _labels_npz(tmp_path / "chestmnist.npz", np.eye(14, dtype=int)[[0, 1, 2] * 3],
+                        np.eye(14, dtype=int)[[0, 1]], np.eye(14, dtype=int)[[13, 13, 2]],
+                        width=14)
+    with pytest.raises(ValueError, match=r"test split but none in train: class 13 \('hernia'\)"
+                                         r": 2"):
+        data_lib.build(data_config("medmnist", chest))
+
+
+def test_every_class_in_train_builds_as_before(tmp_path):
+    path = _labels_npz(tmp_path / "mine.npz", [0, 1, 2, 2], [2, 0], [1, 1, 2])  # none missing
+    assert data_lib.build(data_config("medmnist", path)).info.class_names == [
+        "class_0", "class_1", "class_2"]
+    path = _labels_npz(tmp_path / "other.npz", [0, 1, 3], [0], [1])  # 2 absent everywhere
+    assert data_lib.build(data_config("medmnist", path)).info.num_classes == 4
+    with pytest.raises(ValueError, match=r"config.data.num_classes=1: 0 .* or the number"):
+        data_lib.build(data_config("medmnist", path, num_classes=1))
+
+
+# ------------------------------------------------------------------------ Hyper-Kvasir
+def test_hyper_kvasir_folders_that_are_no_finding_fail_naming_them(tmp_path):
+    root = tmp_path / "labeled-images"
+    layout = {("lower-gi-tract", "pathological-findings", "polyps"): 3,
+              ("lower-gi-tract", "anatomical-landmarks", "cecum"): 2,
+              ("upper-gi-tract", "pathological-findings", "esophagitis"): 4,  # not a finding
+              ("upper-gi-tract", "anatomical-landmarks", "Pylorus-old"): 1}  # nor this
+    for i, (parts, n) in enumerate(layout.items()):
+        for j in range(n):
+            write_image(str(root.joinpath(*parts, f"{parts[-1][:3]}{j:02d}-{i}.jpg")), j,
+                        size=(4, 4))
+    cfg = data_config("hyper_kvasir", tmp_path, val_fraction=0.0, test_fraction=0.0)
+    with pytest.raises(tables.DataFormatError) as err:
+        data_lib.build(cfg)
+    msg = str(err.value)
+    assert "5 images lie in 2 folder(s) that are not one of the 23 findings" in msg, msg
+    for parts, n in (((*list(layout)[2],), 4), ((*list(layout)[3],), 1)):
+        assert f"{root.joinpath(*parts)} ({n} images)" in msg, msg
+    shutil.rmtree(root / "upper-gi-tract")  # only finding folders left: every image is read
+    ds = data_lib.build(cfg)
+    assert len(ds["train"]) == 5 and np.bincount(ds["train"].labels).max() == 3
+
+
+# --------------------------------------------------------- spaces and BOMs in the tables
+def test_csv_cells_are_stripped_and_a_bom_dropped(samples, tmp_path):
+    rows = ham10000_folder(str(tmp_path), samples)
+    meta = tmp_path / "HAM10000_metadata.csv"
+    lines = open(meta).read().splitlines()
+    padded = [lines[0]] + [", ".join(f" {c} " if i % 3 == 0 else c
+                                     for c in line.split(",")) for i, line in
+                           enumerate(lines[1:])]
+    meta.write_text("\ufeff" + "\n".join(padded) + "\n", encoding="utf-8")
+    ds = data_lib.build(data_config("ham10000", tmp_path))
+    got = {os.path.basename(f)[:-4]: ds.info.class_names[y] for s in ds.splits.values()
+           for f, y in zip(s.files, s.labels)}
+    assert got == {r["image_id"]: r["dx"] for r in rows}
+    sex = np.concatenate([data_lib.sources.source_attrs(s)["sex"] for s in ds.splits.values()])
+    assert (sex >= 0).sum() == sum(r["sex"] in ("male", "female") for r in rows)
+
+
+def test_a_bom_at_the_start_of_a_split_list_is_dropped(shared_dir, tmp_path):
+    lists = tmp_path / "tear"
+    for name in ("Train350.txt", "Val.txt", "Test.txt"):
+        head_file(os.path.join(shared_dir, "splits", "tear", name), str(lists / name), 6)
+    for name in ("Train350.txt", "Val.txt", "Test.txt"):
+        for i, line in enumerate(open(lists / name)):
+            if line.split():
+                write_image(str(tmp_path / "images" / line.split()[0]), i, size=(4, 4))
+    train = lists / "Train350.txt"
+    first = open(train).readline().split()[0]
+    train.write_text("\ufeff" + train.read_text())
+    ds = data_lib.build(data_config("isic2018", tmp_path, train, num_classes=7))
+    assert os.path.basename(ds["train"].files[0]) == first

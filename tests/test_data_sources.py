@@ -73,7 +73,8 @@ def test_isic2018_tear_split_lists(shared_dir, tmp_path):
                 names[parts[0]] = parts[1:]
     for i, n in enumerate(names):
         write_image(str(tmp_path / "images" / n), i)
-    ds = data_lib.build(data_config("isic2018", tmp_path, lists / "Train350.txt"))
+    # 24 rows a list: val / test hold classes these train rows lack, so the count is stated
+    ds = data_lib.build(data_config("isic2018", tmp_path, lists / "Train350.txt", num_classes=7))
     assert ds.info.class_names == ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
     for split, name in (("train", "Train350.txt"), ("val", "Val.txt"), ("test", "Test.txt")):
         onehots = [list(map(int, line.split()[1:])) for line in open(lists / name) if line.strip()]
@@ -100,7 +101,8 @@ def test_isic2019_ground_truth_and_fopro_splits(shared_dir, tmp_path):
     want = collections.Counter(next(c for c in ds.info.class_names if float(r[c]) == 1)
                                for r in rows)
     assert counts_by_name(ds) == want
-    fo = data_lib.build(data_config("isic2019", tmp_path, split_dir / "train_skin1_0.002.csv"))
+    fo = data_lib.build(data_config("isic2019", tmp_path, split_dir / "train_skin1_0.002.csv",
+                                    num_classes=8))  # 20 rows: val / test classes train lacks
     for s in ("train", "val", "test"):
         want = np.bincount([int(r["finding"]) for r in
                             csv_rows(str(split_dir / f"{s}_skin1_0.002.csv"))], minlength=8)
@@ -194,7 +196,8 @@ def test_nih_cxr14_data_entry(shared_dir, tmp_path):
     test_patients = {"11", "13"}
     with open(tmp_path / "test_list.txt", "w") as f:
         f.writelines(r["Image Index"] + "\n" for r in rows if r["Patient ID"] in test_patients)
-    ds = data_lib.build(data_config("nih_cxr14", tmp_path))
+    # 40 rows: findings of the test patients that train lacks, so the count is stated
+    ds = data_lib.build(data_config("nih_cxr14", tmp_path, num_classes=14))
     want = collections.Counter(f for r in rows for f in r["Finding Labels"].split("|")
                                if f != "No Finding")
     assert counts_by_name(ds) == want
@@ -244,7 +247,8 @@ def test_nih_cxr_lt_and_mimic_cxr_lt_label_files(tmp_path):
                 if not path.exists():
                     write_image(str(path), i, mode="L")
                 want += y
-        ds = data_lib.build(data_config(name.replace("-", "_"), root))
+        ds = data_lib.build(data_config(name.replace("-", "_"), root,
+                                        num_classes=len(classes)))  # 8 rows a split
         assert ds.info.class_names == classes and ds.info.multi_label
         np.testing.assert_array_equal(sum(source_labels(s).sum(0) for s in ds.splits.values()),
                                       want)
@@ -355,3 +359,75 @@ def test_image_modes_are_converted_not_misread(tmp_path, shared_dir):
            "attrs": {}, "index": 0}
     crops = [Preprocess(224, 3, "rrc(0.08)|flip")(i, rec)["image"] for i in range(2)]
     assert crops[0].shape == (224, 224, 3) and not np.array_equal(crops[0], crops[1])
+
+
+# --------------------------------------------------------- integer images' bit depth
+def _png16(path, values, sbit=None):
+    from PIL import Image, PngImagePlugin
+
+    info = None
+    if sbit is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add(b"sBIT", bytes([sbit]))
+    Image.fromarray(values.astype(np.uint16)).save(path, pnginfo=info)
+    return str(path)
+
+
+def test_12_bit_data_in_a_16_bit_png_is_scaled_by_its_depth(tmp_path):
+    rng = np.random.default_rng(3)
+    x12 = np.concatenate([np.linspace(0, 4095, 256).round().reshape(8, 32),  # 12-bit ramp
+                          rng.integers(0, 4096, (8, 32))]).astype(np.uint16)
+    got = decode_image(_png16(tmp_path / "xray.png", x12), channels=1)[..., 0]
+    np.testing.assert_array_equal(got, (x12 >> 4).astype(np.uint8))  # not x12 >> 8 (0..15)
+    assert got.min() == 0 and got.max() == 255
+    # sBIT decides when present: 10-bit-looking data marked 12-bit stays dim; the bytes path
+    x10 = (x12 // 4).astype(np.uint16)
+    marked = open(_png16(tmp_path / "m.png", x10, sbit=12), "rb").read()
+    np.testing.assert_array_equal(decode_image(marked, channels=1)[..., 0], x10 >> 4)
+    np.testing.assert_array_equal(decode_image(_png16(tmp_path / "u.png", x10), channels=1)
+                                  [..., 0], x10 >> 2)
+    with pytest.raises(ImageError, match=r"lie.png: its PNG sBIT chunk says 10 significant "
+                                         r"bits but a value reaches 4095"):
+        decode_image(_png16(tmp_path / "lie.png", x12, sbit=10), channels=1)
+    from PIL import Image
+
+    x8 = rng.integers(0, 256, (6, 5)).astype(np.uint8)  # an 8-bit PNG is unchanged
+    Image.fromarray(x8, "L").save(tmp_path / "l.png")
+    np.testing.assert_array_equal(decode_image(str(tmp_path / "l.png"), channels=1)[..., 0], x8)
+    small = np.array([[0, 3], [200, 255]], np.uint16)  # 8-bit values in a 16-bit file
+    np.testing.assert_array_equal(decode_image(_png16(tmp_path / "s.png", small), channels=1)
+                                  [..., 0], small)
+
+
+def test_synthetic_imbalance_out_of_range_names_the_key():
+    for key, bad in (("imbalance", 1.5), ("imbalance", 0.0), ("imbalance", -0.2),
+                     ("test_imbalance", 2.0)):
+        cfg = data_lib.default_config()
+        cfg.synthetic[key] = bad
+        with pytest.raises(ValueError, match=rf"^config.data.synthetic.{key}={bad!r}: .*\(0, 1\]"):
+            data_lib.check_config(cfg)
+        with pytest.raises(ValueError, match=rf"config.data.synthetic.{key}="):
+            data_lib.build(cfg)
+    cfg = data_lib.default_config()
+    cfg.synthetic.imbalance = 0.01
+    data_lib.check_config(cfg)
+
+
+def test_a_header_claiming_a_huge_image_is_named_and_skippable(tmp_path):
+    """A corrupt header (PIL's decompression-bomb guard) is an ImageError like any other
+    unreadable file: named, and skipped with on_error='skip' (it used to escape both)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    path = tmp_path / "huge_header.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000,
+                                                                        30000, 8, 0, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    rec = {"image": str(path), "label": 0, "attrs": {}, "index": 0}
+    with pytest.raises(ImageError, match="huge_header.png"):
+        Preprocess(8, 1)(0, rec)
+    assert not Preprocess(8, 1, on_error="skip")(0, rec)["valid"]

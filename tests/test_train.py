@@ -196,6 +196,21 @@ def test_unknown_config_key_is_named(tmp_path, args, key):
     assert not os.path.exists(tmp_path / "w" / "checkpoints")  # failed before anything ran
 
 
+@pytest.mark.parametrize("args, line", [
+    (["--config.data.synthetic.imbalance=2.0"], "config error: config.data.synthetic.imbalance"),
+    # found once the run started (the data file): still one line, exit 2
+    (["--config.data.name=medmnist", "--config.data.root=/nonexistent/x.npz"], "error: "),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, line):
+    proc = subprocess.run([sys.executable, "-m", "jaxmed.main", "--config=tests/configs/tiny.py",
+                           *args, f"--workdir={tmp_path}/w"], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(line) and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
 # ------------------------------------------------------------------ in-process (shared setup)
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):

@@ -41,6 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.root = ""  # folder (or .npz file) of the official download
     c.split_file = ""  # optional split list / CSV (see each adapter)
     c.image_size = 64  # images are resized to image_size x image_size (MedMNIST keeps its own)
+    c.num_classes = 0  # 0 = from the data; > 0 states the class count (see `build`)
     c.channels = 0  # 0 = the data's own channels; 1 or 3 to force
     c.train_augment = "flip"  # host augmentation chain (jaxmed.data.augment)
     c.on_error = "raise"  # 'raise' or 'skip' for missing / corrupt images
@@ -95,14 +96,15 @@ def build(cfg, *, check_files: bool = True) -> Dataset:
         (on_error='raise') or are dropped and counted (on_error='skip');
       * with on_error='skip', a split left with no usable sample (every file missing or
         unreadable) fails naming the split and the count skipped (`check_usable`).
+      * a class (or finding) with samples in val / test but none in train fails naming the
+        data file, the split, the class and its count (`check_classes_in_train`): a model
+        never taught a class cannot be measured on it, and for files whose class count comes
+        from their labels (MedMNIST of unknown name) it would widen the head unnoticed.
+        Stating `config.data.num_classes` (> 0) accepts it; the stated count must then
+        equal the dataset's (a fixed list of class names) or bound its labels (MedMNIST).
     Other corrupt files surface when decoded. `check_files=False` (the inspect CLI, which
     verifies every file itself) skips the file checks, not the split check."""
-    _load_adapters()
-    if cfg.name not in BUILDERS:
-        raise ValueError(f"config.data.name={cfg.name!r} is not a known dataset; known: "
-                         f"{sorted(BUILDERS)}")
-    if cfg.on_error not in ("raise", "skip"):
-        raise ValueError(f"config.data.on_error={cfg.on_error!r}: use 'raise' or 'skip'")
+    check_config(cfg)
     ds = BUILDERS[cfg.name](cfg)
     check_disjoint(ds)
     if check_files:
@@ -110,9 +112,93 @@ def build(cfg, *, check_files: bool = True) -> Dataset:
         if cfg.on_error == "skip":
             for split, source in ds.splits.items():
                 check_usable(source, split, ds.info.name)
-    if ds.info.class_counts is None:
-        ds.info.class_counts = class_counts(source_labels(ds["train"]), ds.info.num_classes)
+    stated = int(cfg.get("num_classes", 0) or 0)
+    if stated and stated != ds.info.num_classes:
+        raise ValueError(f"config.data.num_classes={stated} but {ds.info.name} "
+                         f"({data_origin(cfg)}) has {ds.info.num_classes} classes "
+                         f"{ds.info.class_names[:8]}; set it to {ds.info.num_classes}, or 0 "
+                         "(from the data)")
+    labels = {split: source_labels(source) for split, source in ds.splits.items()}
+    if ds.info.class_counts is None and "train" in labels:
+        ds.info.class_counts = class_counts(labels["train"], ds.info.num_classes)
+    check_classes_in_train(ds, labels, data_origin(cfg), stated=bool(stated))
     return ds
+
+
+def check_config(cfg) -> None:
+    """Values of config.data no dataset can use, refused naming the key (a ValueError) before
+    any file is read; called by `build`, and cheap enough for a method's `check_config`."""
+    _load_adapters()
+    if cfg.name not in BUILDERS:
+        raise ValueError(f"config.data.name={cfg.name!r} is not a known dataset; known: "
+                         f"{sorted(BUILDERS)}")
+    if cfg.get("on_error", "raise") not in ("raise", "skip"):
+        raise ValueError(f"config.data.on_error={cfg.on_error!r}: use 'raise' or 'skip'")
+    n = cfg.get("num_classes", 0)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n == 1:
+        raise ValueError(f"config.data.num_classes={n!r}: 0 (the class count from the data) "
+                         "or the number of classes (>= 2)")
+    if cfg.name == "synthetic" and "synthetic" in cfg:
+        s = cfg.synthetic
+        for key in ("imbalance", "test_imbalance"):
+            v = s[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+                raise ValueError(f"config.data.synthetic.{key}={v!r}: n_min / n_max of the "
+                                 "class counts, in (0, 1] (1.0 = balanced, 0.01 = a long tail)")
+        for key in ("bias_rate", "test_bias_rate"):
+            v = s.get(key)
+            if v is not None and not 0 <= v <= 1:
+                raise ValueError(f"config.data.synthetic.{key}={v!r}: a probability in [0, 1] "
+                                 "(or unset: no spurious attribute)")
+        if not 0 <= s.get("hard_rate", 0.0) <= 1:
+            raise ValueError(f"config.data.synthetic.hard_rate={s.hard_rate!r}: a fraction in "
+                             "[0, 1]")
+
+
+def data_origin(cfg) -> str:
+    """The file or folder a dataset was read from, for messages."""
+    if cfg.name == "synthetic" or not (cfg.root or cfg.split_file):
+        return f"config.data.name={cfg.name!r}"
+    return ", ".join(p for p in (cfg.root, cfg.split_file) if p)
+
+
+def check_classes_in_train(ds: Dataset, labels: dict[str, np.ndarray], origin: str, *,
+                           stated: bool = False) -> None:
+    """Refuse a class (a finding, if multi-label) that has samples in val or test but none in
+    train, naming the data, the split, the class and its count; with `stated` (the user set
+    config.data.num_classes) only a warning is logged."""
+    if "train" not in labels:
+        return
+    c = ds.info.num_classes
+
+    def counts(y):
+        y = np.asarray(y)
+        if y.ndim == 2:
+            return (y > 0).sum(0).astype(np.int64)[:c]
+        return np.bincount(y.astype(np.int64), minlength=c)[:c] if y.size else np.zeros(c, int)
+
+    unseen = counts(labels["train"]) == 0
+    if not unseen.any():
+        return
+    what = "positive(s)" if ds.info.multi_label else "sample(s)"
+    parts = []
+    for split, y in labels.items():
+        k = counts(y)
+        bad = np.flatnonzero(unseen & (k > 0))
+        if split == "train" or not bad.size:
+            continue
+        shown = ", ".join(f"class {int(i)} ({ds.info.class_names[i]!r}): {int(k[i])}"
+                          for i in bad[:5])
+        parts.append(f"{bad.size} class(es) with {what} in the {split} split but none in "
+                     f"train: {shown}{', ...' if bad.size > 5 else ''}")
+    if not parts:
+        return
+    msg = f"{ds.info.name} ({origin}): {'; '.join(parts)}"
+    if stated:
+        log.warning("%s (accepted: config.data.num_classes is set)", msg)
+        return
+    raise ValueError(f"{msg}; a model cannot learn a class it never sees. Fix the split, or "
+                     f"state the class count (config.data.num_classes={c}) to train anyway")
 
 
 def check_disjoint(ds: Dataset) -> None:
@@ -204,6 +290,7 @@ def image_channels(cfg, info: DatasetInfo) -> int:
 
 
 __all__ = ["BUILDERS", "Dataset", "DatasetInfo", "ImageError", "SPLITS", "SyntheticSource",
-           "SyntheticSpec", "TableSource", "build", "check_disjoint", "check_usable",
+           "SyntheticSpec", "TableSource", "build", "check_classes_in_train", "check_config",
+           "check_disjoint", "check_usable", "data_origin",
            "class_counts", "decode_image", "default_config", "image_channels", "image_size",
            "register", "source_labels"]

@@ -1,12 +1,13 @@
 """Check a dataset folder before training on it.
 
     python -m jaxmed.data.inspect --dataset ham10000 --root /data/HAM10000 [--split train]
-        [--split-file F] [--val-fraction 0.1] [--test-fraction 0.2]
+        [--split-file F] [--val-fraction 0.1] [--test-fraction 0.2] [--num-classes N]
 
 Prints one JSON object: num_records, class_counts {class: count} (positives per class for
 multi-label data), attr_counts {attribute: {value: count}}, missing_files and bad_files (every
 image is opened and decoded); exits 1 when either list is non-empty, 2 when the metadata itself
-is unreadable (the message names the file and the columns or line at fault).
+is unreadable (the message names the file and the columns or line at fault) or a class of
+val / test is absent from train (`--num-classes N`, as config.data.num_classes, accepts it).
 """
 
 from __future__ import annotations
@@ -67,10 +68,13 @@ def main(argv=None) -> int:
     p.add_argument("--split-file", default="")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--num-classes", type=int, default=0,
+                   help="the class count, as config.data.num_classes (0: from the data)")
     a = p.parse_args(argv)
     cfg = data_lib.default_config()
     cfg.name, cfg.root, cfg.split_file = a.dataset, a.root, a.split_file
     cfg.val_fraction, cfg.test_fraction = a.val_fraction, a.test_fraction
+    cfg.num_classes = a.num_classes
     try:
         report = inspect(cfg, a.split)
     except (ValueError, FileNotFoundError, KeyError) as e:

@@ -24,11 +24,13 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from jaxmed.config_check import UserError
+
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RuntimeError, UserError):
     """No checkpoint of a directory can be read back."""
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from flax import traverse_util
 
+from jaxmed.config_check import UserError
 from jaxmed.train import sharding
 
 # Keys that change how a run is observed or scheduled on the machine, never what it computes.
@@ -35,7 +36,7 @@ HISTORY = "config_history.jsonl"
 NO_RESULTS = {"config.json", HISTORY, ".lock", "xla_cache", "tensorboard"}
 
 
-class ConfigChangedError(ValueError):
+class ConfigChangedError(ValueError, UserError):
     """The workdir holds another experiment's config."""
 
 

@@ -55,7 +55,7 @@ def nih_attrs(table: T.Table) -> dict[str, np.ndarray]:
 
 
 def _read_list(path: str) -> set[str]:
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:  # a BOM is not part of the first name
         return {line.strip() for line in f if line.strip()}
 
 

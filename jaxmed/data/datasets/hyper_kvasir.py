@@ -5,7 +5,9 @@ The official download `hyper-kvasir-labeled-images.zip` unpacks to
 with `labeled-images/image-labels.csv` (columns `Video file` = the image's uuid, `Organ`,
 `Finding`, `Classification` = the category). config.data.root: that folder (or any folder
 above it). The CSV gives the labels; every labelled image must sit in its finding's folder
-(a disagreement fails naming the file). Without the CSV, the folder names are the labels.
+(a disagreement fails naming the file). Without the CSV, the folder names are the labels, and
+a folder holding images that is not one of the 23 findings fails naming it (its images would
+otherwise be dropped without a word).
 No official train / val / test split is used (the paper's was not released): a stable
 image-wise split by `val_fraction` / `test_fraction`.
 """
@@ -50,12 +52,24 @@ def hyper_kvasir(cfg) -> Dataset:
                                         f"{CLASSES[y]!r} but lies in the folder {folder!r} ({f})")
     else:
         ids, files, labels = [], [], []
+        unknown: dict[str, int] = {}
         for stem in sorted(index):
             folder = os.path.basename(os.path.dirname(index.path(stem)))
             if folder in CLASSES:
                 ids.append(stem)
                 files.append(index.path(stem))
                 labels.append(CLASSES.index(folder))
+            else:
+                where = os.path.dirname(index.path(stem))
+                unknown[where] = unknown.get(where, 0) + 1
+        if unknown:
+            shown = "; ".join(f"{d} ({n} images)" for d, n in sorted(unknown.items())[:5])
+            raise T.DataFormatError(
+                f"hyper_kvasir: no image-labels.csv under {cfg.root}, so folder names are the "
+                f"labels, but {sum(unknown.values())} images lie in {len(unknown)} folder(s) "
+                f"that are not one of the 23 findings: {shown}; rename them to a finding "
+                f"({CLASSES[:3]}...), move them out of the root, or give the CSV "
+                "(config.data.split_file)")
         if not ids:
             raise FileNotFoundError(f"hyper_kvasir: neither image-labels.csv nor images in "
                                     f"finding folders ({CLASSES[:3]}...) under {cfg.root}")

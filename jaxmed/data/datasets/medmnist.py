@@ -50,7 +50,7 @@ def _load(path: str) -> dict[str, np.ndarray]:
 
 
 def _check_split(path: str, s: str, images: np.ndarray, y: np.ndarray, *, multi: bool,
-                 num_classes: int, known: bool, hw: tuple) -> None:
+                 num_classes: int, known: bool, hw: tuple, stated: bool = False) -> None:
     """Every problem names the file and the split's array; labels must fit the class names."""
     where = f"{path} ({s} split)"
     if images.dtype != np.uint8:
@@ -82,6 +82,7 @@ def _check_split(path: str, s: str, images: np.ndarray, y: np.ndarray, *, multi:
     if bad.size:
         i = int(bad[0])
         limit = (f"the {num_classes} class names of this dataset" if known
+                 else f"config.data.num_classes={num_classes}" if stated
                  else "non-negative integers")
         raise T.DataFormatError(f"{where}: {s}_labels[{i}] = {flat[i]} ({bad.size} bad labels); "
                                 f"labels must be integers in [0, {num_classes}) for {limit}")
@@ -91,7 +92,9 @@ def _check_split(path: str, s: str, images: np.ndarray, y: np.ndarray, *, multi:
 def medmnist(cfg) -> Dataset:
     """config.data.root = the .npz file. Its stem names the dataset ('dermamnist_224.npz' ->
     dermamnist): a known stem fixes the class names and labels outside them are an error;
-    other files get class_0..class_{max label}."""
+    other files get class_0..class_{max label over the three splits}, or
+    class_0..class_{N-1} with config.data.num_classes=N (larger labels are an error). A class
+    that only val / test hold is refused by `jaxmed.data.build` unless N is stated."""
     path = cfg.root
     if not os.path.isfile(path):
         raise FileNotFoundError(f"medmnist: config.data.root must be a MedMNIST .npz file; "
@@ -101,10 +104,13 @@ def medmnist(cfg) -> Dataset:
     multi = labels.ndim == 2 and labels.shape[1] > 1
     stem = os.path.splitext(os.path.basename(path))[0].split("_")[0]
     known = stem in KNOWN_CLASSES
+    stated = int(cfg.get("num_classes", 0) or 0)
     if known:
         num_classes = len(KNOWN_CLASSES[stem])
     elif multi:
         num_classes = labels.shape[1]
+    elif stated:
+        num_classes = stated
     else:
         tops = [arrays[f"{s}_labels"].max() for s in SPLIT_NAMES if arrays[f"{s}_labels"].size]
         num_classes = max(int(max(tops, default=0)), 0) + 1
@@ -114,7 +120,7 @@ def medmnist(cfg) -> Dataset:
     for s in SPLIT_NAMES:
         images, y = arrays[f"{s}_images"], arrays[f"{s}_labels"]
         _check_split(path, s, images, y, multi=multi, num_classes=num_classes, known=known,
-                     hw=hw)
+                     hw=hw, stated=bool(stated) and not known and not multi)
         y = y.astype(np.float32) if multi else y.reshape(-1).astype(np.int64)
         splits[s] = ArraySource(images, y)
     channels = 1 if arrays["train_images"].ndim == 3 else arrays["train_images"].shape[-1]

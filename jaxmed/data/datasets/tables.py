@@ -14,12 +14,14 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from jaxmed.config_check import UserError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(ValueError, UserError):
     """A metadata file that is not what the dataset's documentation says it is."""
 
 
@@ -58,7 +60,9 @@ class Table:
 def read_csv(path: str, required: Sequence[str], *, dataset: str,
              delimiter: str | None = ",") -> Table:
     """Read a CSV and check that every required column is there (names compared loosely).
-    `delimiter=None`: ';' if the header line has one (e.g. Kvasir-Capsule's metadata), else ','."""
+    `delimiter=None`: ';' if the header line has one (e.g. Kvasir-Capsule's metadata), else ','.
+    A BOM at the start is dropped and every cell is stripped of surrounding whitespace
+    ('ISIC_1 , 1' names the image 'ISIC_1'), so ids and file names match the disk."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{dataset}: metadata file not found: {path}")
     with open(path, newline="", encoding="utf-8-sig") as f:
@@ -67,11 +71,11 @@ def read_csv(path: str, required: Sequence[str], *, dataset: str,
             f.seek(0)
         reader = csv.reader(f, delimiter=delimiter)
         try:
-            header = next(reader)
+            header = [c.strip() for c in next(reader)]
         except StopIteration:
             raise DataFormatError(f"{path}: empty file, expected a CSV with columns "
                                   f"{list(required)}") from None
-        rows = [r for r in reader if any(c.strip() for c in r)]
+        rows = [[c.strip() for c in r] for r in reader if any(c.strip() for c in r)]
     table = Table(path, header, rows)
     missing = [c for c in required if not table.has(c)]
     if missing:
@@ -83,11 +87,11 @@ def read_csv(path: str, required: Sequence[str], *, dataset: str,
 
 def read_split_list(path: str, *, dataset: str, num_classes: int) -> tuple[list[str], np.ndarray]:
     """Whitespace split lists: 'image.jpg 1 0 0 0 0 0 0' (one-hot after the name); an image
-    listed twice fails naming both lines."""
+    listed twice fails naming both lines. A BOM at the start of the file is dropped."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{dataset}: split list not found: {path}")
     names, labels, seen = [], [], {}
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             parts = line.split()
             if not parts:
