@@ -1,6 +1,16 @@
-"""BiasPruner against every continual baseline on the synthetic biased sequence, five seeds.
+r"""BiasPruner against every continual baseline on the synthetic biased sequence, five seeds.
 
     jaxmed --config=configs/biaspruner/benchmark.py --workdir=workdirs/biaspruner_benchmark
+
+A variant of the bias score alone (config.continual.bias_score; compare with the run above's
+biaspruner_magnitude), and where each ranking puts task 0's shortcut units:
+
+    jaxmed --config=configs/biaspruner/benchmark.py:class_conditional \
+        --workdir=workdirs/biaspruner_benchmark_class_conditional
+    python benchmarks/biaspruner_units.py --config=configs/biaspruner/benchmark.py \
+        --out=bench_out/biaspruner_units_benchmark.json
+
+(`:layer_normalised`, `:absolute` likewise; runtime and result of both: not yet measured.)
 
 Data (jaxmed.data.synthetic_bias, in the spirit of Colored MNIST): two binary tasks with their
 own classes and look, task 0 plus vs cross on a blue-grey striped background, task 1 square vs
@@ -66,10 +76,14 @@ the ranking follows units that respond to colour-outline combinations (our readi
 measured unit by unit)."""
 
 from jaxmed.config_check import sibling
+from jaxmed.methods.biaspruner.scores import BIAS_SCORES
 
 
 def get_config(arg: str = ""):
-    c = sibling(__file__).synthetic_config()
-    if arg:
-        raise ValueError(f"unknown variant {arg!r}")
+    common = sibling(__file__)
+    c = common.synthetic_config()
+    if arg in BIAS_SCORES:
+        common.bias_score_variant(c, arg)
+    elif arg:
+        raise ValueError(f"unknown variant {arg!r} (use '' or one of {BIAS_SCORES})")
     return c

@@ -47,3 +47,27 @@ def synthetic_config():
     cc.balance_groups = True
     cc.task_selection = "bn"
     return c
+
+
+def tiny(c):
+    """The tests' variant of a synthetic config (`:tiny`): seconds, one seed."""
+    s = c.data.synthetic_bias
+    s.num_train, s.num_val, s.num_test = 96, 16, 48
+    c.data.image_size = 16
+    c.model.width = 4
+    c.train.batch_size, c.train.eval_batch_size = 16, 48
+    c.continual.biased_epochs = c.continual.finetune_epochs = 1
+    c.continual.seeds = (0,)
+    return c
+
+
+def bias_score_variant(c, variant: str):
+    """`<config>.py:<variant>`: only BiasPruner, its units ranked by `variant`
+    (config.continual.bias_score); the magnitude ablation it is compared with is the base
+    run's biaspruner_magnitude, which no bias score changes."""
+    from jaxmed.methods.biaspruner import scores
+
+    scores.check_kind(variant, "variant")
+    c.continual.bias_score = variant
+    c.continual.methods = ("biaspruner",)
+    return c

@@ -29,12 +29,7 @@ def get_config(arg: str = ""):
     c.continual.methods = ("biaspruner", "packnet", "finetune", "ewc", "lwf")
     c.continual.seeds = (0, 1)
     if arg == "tiny":  # tests: seconds
-        s.num_train, s.num_val, s.num_test = 96, 16, 48
-        c.data.image_size = 16
-        c.model.width = 4
-        c.train.batch_size, c.train.eval_batch_size = 16, 48
-        c.continual.biased_epochs = c.continual.finetune_epochs = 1
-        c.continual.seeds = (0,)
+        sibling(__file__).tiny(c)
     elif arg:
         raise ValueError(f"unknown variant {arg!r} (use '' or 'tiny')")
     return c

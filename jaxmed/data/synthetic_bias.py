@@ -18,6 +18,14 @@ Task t has its own two classes (global classes 2t, 2t + 1) and its own look:
     that a task's images are told apart from another task's at a glance.
 `shape_noise` (label noise on the true cue): that fraction of training images carries the
 other class's glyph (the colour still follows the bias rule).
+`patch_size` > 0 (default 0: the glyph carries the colour, and the images are bitwise those
+without the option) moves the spurious cue into a small square: the glyph is drawn in one
+neutral grey whatever its attribute, and a patch_size x patch_size square, `PATCH_MARGIN`
+pixels from the top-left corner (so that 2-pixel shifts keep it whole; flips move it to
+another corner), takes the attribute's colour. The shortcut then lives where few units can
+see it: a small area, read by the units whose receptive field covers a corner, while the
+outline fills the middle of the image (issue 23: a sequence where a faithful bias score must
+beat magnitude if the paper's mechanism holds).
 
 Records: image uint8 [S, S, 3], global label, attrs {'bias': colour index 0/1 (the sensitive
 attribute), 'aligned': 1 if the colour matches the label else 0 (bias-conflicting)}, index.
@@ -39,6 +47,8 @@ COLOURS = np.array([  # per task: the two glyph colours (RGB)
     [[220, 40, 40], [40, 200, 60]], [[50, 80, 230], [230, 210, 40]],
     [[220, 50, 220], [40, 210, 220]], [[240, 140, 20], [130, 50, 200]],
     [[245, 245, 245], [120, 120, 120]]], np.float32)
+GLYPH_NEUTRAL = np.array([190, 190, 190], np.float32)  # the glyph's colour under `patch_size`
+PATCH_MARGIN = 2
 BACKGROUNDS = np.array([[70, 110, 150], [150, 120, 70], [90, 140, 90], [140, 90, 130],
                         [110, 110, 110]], np.float32)  # equal brightness: tasks differ in hue
 
@@ -47,7 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         num_tasks=2, num_train=3000, num_val=100, num_test=600,  # images per task
         bias_rate=0.97, test_bias_rate=0.5, shape_noise=0.0, noise=40.0, task_background=True,
-        shared_colours=False, seed=0))
+        shared_colours=False, patch_size=0, seed=0))
 
 
 def _glyph(kind: np.ndarray, u: np.ndarray, v: np.ndarray, r: np.ndarray) -> np.ndarray:
@@ -94,13 +104,16 @@ def _background(task: np.ndarray, xx, yy, rng) -> np.ndarray:
 
 def generate(num_tasks: int, per_task: int, size: int, bias_rate: float, *, shape_noise: float
              = 0.0, noise: float = 40.0, task_background: bool = True,
-             shared_colours: bool = False, seed: int = 0):
+             shared_colours: bool = False, patch_size: int = 0, seed: int = 0):
     """(images uint8 [N, S, S, 3], labels [N], bias [N], aligned [N]), tasks in order."""
     if not 1 <= num_tasks <= MAX_TASKS:
         raise ValueError(f"synthetic_bias: num_tasks={num_tasks} must be in 1..{MAX_TASKS}")
     if not 0 <= bias_rate <= 1 or not 0 <= shape_noise < 0.5:
         raise ValueError(f"synthetic_bias: bias_rate={bias_rate} must be in [0, 1] and "
                          f"shape_noise={shape_noise} in [0, 0.5)")
+    if patch_size != int(patch_size) or not 0 <= patch_size <= size // 2 - PATCH_MARGIN:
+        raise ValueError(f"synthetic_bias: patch_size={patch_size} must be an integer in "
+                         f"0..{size // 2 - PATCH_MARGIN} for {size}-pixel images")
     rng = np.random.default_rng(seed)
     n = num_tasks * per_task
     task = np.repeat(np.arange(num_tasks), per_task)
@@ -115,9 +128,14 @@ def generate(num_tasks: int, per_task: int, size: int, bias_rate: float, *, shap
     du, dv = xx[None] - cx, yy[None] - cy
     u, v = np.cos(a) * du + np.sin(a) * dv, -np.sin(a) * du + np.cos(a) * dv
     mask = _glyph(2 * task + drawn, u, v, r)
-    colour = COLOURS[0 if shared_colours else task, bias] + rng.normal(0, 12, (n, 3))
+    jitter = rng.normal(0, 12, (n, 3))
+    colour = COLOURS[0 if shared_colours else task, bias] + jitter
     img = _background(task if task_background else np.full(n, -1), xx, yy, rng)
-    img = np.where(mask[..., None], colour[:, None, None, :], img)
+    glyph = GLYPH_NEUTRAL + jitter if patch_size else colour
+    img = np.where(mask[..., None], glyph[:, None, None, :], img)
+    if patch_size:
+        corner = slice(PATCH_MARGIN, PATCH_MARGIN + int(patch_size))
+        img[:, corner, corner] = colour[:, None, None, :]
     img += rng.normal(0, noise, img.shape)
     images = np.clip(img, 0, 255).astype(np.uint8)
     return images, 2 * task + y, bias.astype(np.int32), aligned.astype(np.int32)
@@ -129,6 +147,7 @@ def _source(s, per_task: int, size: int, bias_rate: float, split_seed: int, shap
                                              noise=float(s.noise),
                                              task_background=bool(s.task_background),
                                              shared_colours=bool(s.shared_colours),
+                                             patch_size=int(s.get("patch_size", 0)),
                                              seed=[int(s.seed), split_seed])
     return ArraySource(images, labels.astype(np.int64), {"bias": bias, "aligned": aligned})
 

@@ -7,6 +7,8 @@
                   tasks with per-task orbax checkpoints, its result
   subnetworks.py  BiasPruner, its magnitude ablation and PackNet: per-task subnetworks as one
                   stacked pytree and module-level jitted steps over it
+  scores.py       the bias score of a unit and its variants (`continual.bias_score`)
+  units.py        which units carry the shortcut and where each ranking puts them
   baselines.py    fine-tune, joint, EWC, LwF on one shared network
   lff.py          LfF (Learning from Failure): GCE-biased + relative-difficulty-weighted model
   report.py       comparison tables, accuracy-matrix heatmaps, verdicts
@@ -20,7 +22,7 @@ import ml_collections
 
 from jaxmed.data import synthetic_bias
 from jaxmed.methods import supervised
-from jaxmed.methods.biaspruner import baselines, frame, lff, run, subnetworks
+from jaxmed.methods.biaspruner import baselines, frame, lff, run, scores, subnetworks
 from jaxmed.train import comparison
 
 ALL_METHODS = ("biaspruner", "biaspruner_magnitude", "packnet", "finetune", "joint", "ewc",
@@ -54,6 +56,12 @@ def default_config() -> ml_collections.ConfigDict:
         biased_epochs=4,  # BiasPruner / PackNet first phase (GCE / CE on free units)
         finetune_epochs=4,  # second phase (subnetwork fine-tuning)
         gamma=0.3,  # fraction of units (BiasPruner) / free weights (PackNet) pruned per task
+        # BiasPruner's unit score (subnetworks' ablation and PackNet ignore it): 'paper' (mean
+        # pooled activation over the GCE model's aligned minus its conflicting samples),
+        # 'layer_normalised' (that, z-scored within each layer before the global cut),
+        # 'class_conditional' (mean over classes of |that difference within the class|) or
+        # 'absolute' (|that difference|): what each computes and why, biaspruner/scores.py
+        bias_score="paper",
         gce_q=0.7,
         alpha=0.0,  # > 0: fine-tune weights each sample by exp(alpha * its GCE loss)
         # True: then rescale the weights of the samples the GCE model gets wrong (S_bc) so that
@@ -117,6 +125,7 @@ def check_config(config) -> None:
     if not cc.task_split_files and not all(isinstance(t, (tuple, list)) for t in cc.tasks):
         raise ValueError(f"config.continual.tasks={cc.tasks!r} must be a tuple of class tuples, "
                          "e.g. ((0, 1), (2, 3))")
+    scores.check_kind(cc.bias_score)
     if cc.task_selection not in frame.TASK_SELECTIONS:
         raise ValueError(f"config.continual.task_selection={cc.task_selection!r}: use one of "
                          f"{frame.TASK_SELECTIONS}")

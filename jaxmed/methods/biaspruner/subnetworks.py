@@ -16,6 +16,7 @@ Per task t (ResNets; a unit is an inner channel of a residual block, `pruning.st
   3. bias score per unit = mean over aligned samples of its spatially averaged post-ReLU
      activation minus the same mean over conflicting samples, from the model's sown
      intermediates in one jitted, sharded pass (`score_batch` under `evaluate.predict`);
+     `continual.bias_score` picks the paper's or a variant of it (`scores`);
   4. prune: rank all units globally, remove the top gamma fraction (the paper's direction: the
      highest scores; the reference code keeps them), never emptying a unit group; the kept
      units are subnetwork M_t, which may reuse earlier tasks' units (still frozen);
@@ -32,7 +33,9 @@ Decisions the paper leaves open:
   - Every task has its own BatchNorm parameters and statistics (all BN layers) and head;
     task t starts from task t-1's BN.
   - Phase 1 (GCE) trains the free weights of all units; units pruned from M_t stay free.
-  - Global ranking uses raw scores across layers, as the paper describes.
+  - Global ranking uses raw scores across layers, as the paper describes (the default,
+    `continual.bias_score='paper'`); 'layer_normalised', 'class_conditional' and 'absolute'
+    change only the score the one global cut ranks (`scores`: what each computes and why).
   - Task-agnostic inference runs every stored subnetwork inside one compiled program over
     the stacked masks, BN and heads: `jax.vmap` (continual.task_axis='vmap') or `lax.map`
     (the default, since vmapping over weights turns convolutions into grouped ones, which
@@ -77,7 +80,7 @@ import optax
 
 from jaxmed import losses
 from jaxmed.data import augment
-from jaxmed.methods.biaspruner import frame
+from jaxmed.methods.biaspruner import frame, scores
 from jaxmed.models.common import sown
 from jaxmed.pruning import criteria, structured
 from jaxmed.stacking import check_axis, over_stack
@@ -193,6 +196,7 @@ class Setup(FromConfig):
     gamma: float
     alpha: float
     balance_groups: bool
+    bias_score: str = "paper"  # continual.bias_score (`scores.BIAS_SCORES`)
 
 
 def task_masks(backbone, channel_t, owner, t, packnet: bool):
@@ -325,6 +329,7 @@ def init(seq: frame.TaskSequence, selection: str) -> tuple[Setup, Subnetworks]:
         raise ValueError(f"config.model.name={cfg.model.name!r}: BiasPruner's units are ResNet "
                          "inner channels, use a resnet model")
     check_axis(cfg.continual.task_axis, "config.continual.task_axis")
+    scores.check_kind(cfg.continual.get("bias_score", "paper"))
     model = build.build_model(cfg.model, 1)  # heads live outside the model
     rng = jax.random.PRNGKey(cfg.seed)
     v = build.init_variables(model, cfg.model, rng, seq.image_shape)
@@ -370,6 +375,38 @@ def trainable_masks(backbone, owner, owner_value, t: int, num_tasks: int) -> dic
 
 
 # ------------------------------------------------------------------------ the per-task cycle
+def _phase(seq, t: int, cmask, trainable, masks, weights) -> Phase:
+    return seq.replicate(Phase(trainable, masks, weights, np.int32(t), cmask))
+
+
+def _step_with(seq, setup: Setup, ph: Phase, gce_q: float):
+    return functools.partial(train_step, phase=ph, model=setup.model, tx=setup.tx,
+                             gce_q=gce_q, mesh=seq.mesh)
+
+
+def biased_phase(seq: frame.TaskSequence, setup: Setup, s: Subnetworks, t: int, workdir: str,
+                 *, bn=None, stats=None):
+    """Phase 1 of task t (host state `s`): the biased model, GCE (PackNet: CE) on the free
+    weights, from task t's BatchNorm `bn` / `stats` (default: the stored copies at t).
+    Returns its (params, batch_stats) on the host; `workdir/biased` holds its checkpoints."""
+    cfg = seq.config
+    packnet = setup.selection == "packnet"
+    bn = _at(s.task_bn, t) if bn is None else bn
+    stats = _at(s.task_stats, t) if stats is None else stats
+    params = {"backbone": with_bn(s.backbone, bn), "heads": s.heads}
+    mask_t = task_masks(params["backbone"], _at(s.channel, t), s.owner, t, packnet)
+    all_units = jax.tree.map(lambda m: np.ones(np.shape(m), bool), mask_t)
+    ts = frame.state_from(params, stats, setup.tx, jax.random.PRNGKey(cfg.seed + t))
+    ph = _phase(seq, t, s.cmask,
+                trainable_masks(params["backbone"], s.owner, FREE, t, seq.num_tasks),
+                all_units, np.ones(seq.index_bound, np.float32))
+    ts = frame.run_phase(seq, f"{workdir}/biased", ts,
+                         _step_with(seq, setup, ph, 0.0 if packnet else setup.gce_q),
+                         seq.tasks[t].splits["train"], cfg.continual.biased_epochs,
+                         cfg.seed + 10 * t)
+    return jax.device_get((ts.params, ts.batch_stats))
+
+
 def train_task(seq: frame.TaskSequence, setup: Setup, state: Subnetworks, t: int,
                workdir: str) -> Subnetworks:
     """Phases 1-6 for task t (module docstring); returns the new state (host arrays)."""
@@ -383,26 +420,11 @@ def train_task(seq: frame.TaskSequence, setup: Setup, state: Subnetworks, t: int
         for x in jax.tree.leaves((task_bn, task_stats)):
             x[t] = x[t - 1]
     channel, owner = jax.tree.map(np.copy, (s.channel, s.owner))
-    params = {"backbone": with_bn(s.backbone, _at(task_bn, t)), "heads": s.heads}
-    stats = _at(task_stats, t)
     ones = np.ones(seq.index_bound, np.float32)
-    mask_t = task_masks(params["backbone"], _at(channel, t), owner, t, packnet)
-    all_units = jax.tree.map(lambda m: np.ones(np.shape(m), bool), mask_t)
-
-    def phase(trainable, masks, weights):
-        return seq.replicate(Phase(trainable, masks, weights, np.int32(t), s.cmask))
-
-    def step_with(ph: Phase, gce_q: float):
-        return functools.partial(train_step, phase=ph, model=setup.model, tx=setup.tx,
-                                 gce_q=gce_q, mesh=seq.mesh)
 
     # 1. the biased (GCE; PackNet: CE) model on the free weights
-    ts = frame.state_from(params, stats, setup.tx, jax.random.PRNGKey(cfg.seed + t))
-    ph = phase(trainable_masks(params["backbone"], owner, FREE, t, t_max), all_units, ones)
-    ts = frame.run_phase(seq, f"{workdir}/biased", ts,
-                         step_with(ph, 0.0 if packnet else setup.gce_q), source,
-                         cfg.continual.biased_epochs, cfg.seed + 10 * t)
-    params, stats = jax.device_get((ts.params, ts.batch_stats))
+    params, stats = biased_phase(seq, setup, s, t, workdir, bn=_at(task_bn, t),
+                                 stats=_at(task_stats, t))
     split_counts = np.array(s.split_counts)
 
     # 2-4. scores -> the kept units / weights
@@ -426,10 +448,10 @@ def train_task(seq: frame.TaskSequence, setup: Setup, state: Subnetworks, t: int
 
     # 5. fine-tune the subnetwork; only weights now owned by t change
     ts = frame.state_from(params, stats, setup.tx, jax.random.PRNGKey(cfg.seed + 100 + t))
-    ph = phase(trainable_masks(params["backbone"], owner, t, t, t_max),
-               task_masks(params["backbone"], _at(channel, t), owner, t, packnet), weights)
-    ts = frame.run_phase(seq, f"{workdir}/finetune", ts, step_with(ph, 0.0), source,
-                         cfg.continual.finetune_epochs, cfg.seed + 10 * t + 1)
+    ph = _phase(seq, t, s.cmask, trainable_masks(params["backbone"], owner, t, t, t_max),
+                task_masks(params["backbone"], _at(channel, t), owner, t, packnet), weights)
+    ts = frame.run_phase(seq, f"{workdir}/finetune", ts, _step_with(seq, setup, ph, 0.0),
+                         source, cfg.continual.finetune_epochs, cfg.seed + 10 * t + 1)
 
     # 6. store
     params, stats = jax.device_get((ts.params, ts.batch_stats))
@@ -443,23 +465,31 @@ def train_task(seq: frame.TaskSequence, setup: Setup, state: Subnetworks, t: int
 
 def keep_units(selection: str, gamma: float, bias_scores: dict, backbone) -> dict:
     """{unit name: bool [C]} the channels subnetwork t keeps: 'bias' removes the gamma
-    fraction with the HIGHEST bias score (most bias-aligned, the paper's direction), ranked
-    globally; the ablation 'magnitude' changes only the ranking (filter L1 norm, the lowest
+    fraction with the HIGHEST bias score (most bias-aligned, the paper's direction; every
+    `scores` variant is higher for more biased), ranked globally; the ablation 'magnitude' changes only the ranking (filter L1 norm, the lowest
     removed). No unit group is ever emptied."""
     if selection == "bias":
         return structured.channel_masks(bias_scores, gamma, prune="highest")
-    scores = jax.device_get(structured.filter_l1_scores(backbone))
-    return structured.channel_masks(scores, gamma, prune="lowest")
+    l1 = jax.device_get(structured.filter_l1_scores(backbone))
+    return structured.channel_masks(l1, gamma, prune="lowest")
+
+
+def unit_pass(seq, setup: Setup, params, stats, t: int, cmask, source,
+              keys: tuple[str, ...] = ("index", "label")) -> dict:
+    """One sharded pass of `score_batch` over `source` (one fetch), samples in index order:
+    `act/<unit>` [N, C], `correct`, `gce`, and the batch's `keys` (label: within-task)."""
+    rep = seq.replicate((params, stats, np.int32(t), cmask))
+    return predict_sharded(lambda b: score_batch(*rep, b, model=setup.model,
+                                                 gce_q=setup.gce_q),
+                           seq.batches(source), seq.mesh, keys=keys)
 
 
 def score_pass(seq, setup: Setup, params, stats, t: int, cmask, source) -> dict:
-    """One sharded pass of `score_batch` over `source` (one fetch): the bias score of every unit
-    (mean activation over aligned minus over conflicting samples), the aligned / conflicting
-    counts, and each sample's index, GCE loss and whether the GCE model is right (aligned)."""
-    rep = seq.replicate((params, stats, np.int32(t), cmask))
-    out = predict_sharded(lambda b: score_batch(*rep, b, model=setup.model,
-                                                gce_q=setup.gce_q),
-                          seq.batches(source), seq.mesh)
+    """`unit_pass` over `source`, then the bias score of every unit (`continual.bias_score`:
+    the paper's mean activation over aligned minus over conflicting samples, or a variant,
+    `scores`), the aligned / conflicting counts, and each sample's index, GCE loss and whether
+    the GCE model is right (aligned)."""
+    out = unit_pass(seq, setup, params, stats, t, cmask, source)
     easy = out["correct"].astype(bool)
     n_easy, n_hard = int(easy.sum()), int((~easy).sum())
     if n_easy == 0 or n_hard == 0:
@@ -467,9 +497,9 @@ def score_pass(seq, setup: Setup, params, stats, t: int, cmask, source) -> dict:
                     "counts as zero activation", n_easy, n_hard)
     log.info("task %d: %d bias-aligned, %d bias-conflicting training samples", t, n_easy,
              n_hard)
-    scores = {k[len("act/"):]: v[easy].sum(0) / max(n_easy, 1) - v[~easy].sum(0) / max(n_hard, 1)
-              for k, v in out.items() if k.startswith("act/")}
-    return {"scores": scores, "counts": (n_easy, n_hard), "index": out["index"],
+    acts = {k[len("act/"):]: v for k, v in out.items() if k.startswith("act/")}
+    return {"scores": scores.bias_scores(acts, easy, out["label"], setup.bias_score),
+            "counts": (n_easy, n_hard), "index": out["index"],
             "gce": out["gce"], "correct": easy}
 
 

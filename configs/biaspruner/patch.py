@@ -1,0 +1,49 @@
+r"""BiasPruner against every continual baseline on the patch sequence, five seeds: the
+sequence of benchmark.py with the spurious colour moved from the glyph into a small patch.
+
+    jaxmed --config=configs/biaspruner/patch.py --workdir=workdirs/biaspruner_patch
+
+Each variant of the bias score against the magnitude ablation (only BiasPruner runs; the
+ablation to compare with is the run above's biaspruner_magnitude, which no score changes):
+
+    jaxmed --config=configs/biaspruner/patch.py:class_conditional \
+        --workdir=workdirs/biaspruner_patch_class_conditional
+
+and likewise `:layer_normalised`, `:absolute` (`:paper` is the first run's biaspruner). Where
+each ranking puts the shortcut units of task 0's GCE model:
+
+    python benchmarks/biaspruner_units.py --config=configs/biaspruner/patch.py \
+        --out=bench_out/biaspruner_units_patch.json
+
+Data: benchmark.py's (jaxmed.data.synthetic_bias: two binary tasks, plus / cross then square /
+diamond, 3,000 training images per task with the attribute matching the label in 97%, 600
+unbiased test images, outline label noise 10%, pixel noise 20, 24 px, flips and 2-px shifts)
+except `patch_size` 4: every glyph is drawn in one neutral grey, and a 4 x 4 square two pixels
+from a corner carries the red / green attribute. The colour is then seen by few units (those
+whose receptive field covers the patch, a small share of each pooled activation) while the
+outline fills the middle: if the paper's mechanism holds, a faithful bias score must find
+those units and beat magnitude here. Model, training and every method as benchmark.py.
+
+Runtime: not yet measured (benchmark.py, the same methods, seeds and image count: 56 min wall
+on the 2-core VM).
+
+Measured result: not yet measured."""
+
+from jaxmed.config_check import sibling
+from jaxmed.methods.biaspruner.scores import BIAS_SCORES
+
+PATCH_SIZE = 4
+
+
+def get_config(arg: str = ""):
+    common = sibling(__file__)
+    c = common.synthetic_config()
+    c.data.synthetic_bias.patch_size = PATCH_SIZE
+    if arg == "tiny":  # tests: data only, seconds
+        common.tiny(c)
+        c.data.synthetic_bias.patch_size = 3
+    elif arg in BIAS_SCORES:
+        common.bias_score_variant(c, arg)
+    elif arg:
+        raise ValueError(f"unknown variant {arg!r} (use '', 'tiny' or one of {BIAS_SCORES})")
+    return c
