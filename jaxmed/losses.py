@@ -23,6 +23,30 @@ def weighted_mean(per_sample, weights=None):
     return jnp.sum(per_sample * weights) / jnp.maximum(jnp.sum(weights), 1e-12)
 
 
+def normalised_sample_weights(class_weights, labels, valid=None):
+    """w[labels] / (the batch mean of w[labels] over the valid rows), per sample.
+
+    A per-class weight w_y reduced as the references do (torch's CrossEntropyLoss(weight=w),
+    LDAM-DRW's `LDAMLoss`, Fed-MAS) gives sum(w_y l) / sum(w_y), not mean(w_y l): scaling each
+    sample's loss by these factors makes the plain (valid-row) batch mean of the per-sample
+    loss that reduction. The normaliser depends only on the labels, so it is a constant of
+    the gradient, as in torch."""
+    w = jnp.asarray(class_weights, jnp.float32)[labels]
+    valid = jnp.ones_like(w) if valid is None else valid
+    return w / jnp.maximum(weighted_mean(w, valid), 1e-12)
+
+
+def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
+    """x / max(||x||, eps), as torch's F.normalize, with finite gradients everywhere.
+
+    The norm is sqrt(max(sum x^2, eps^2)): the same value, but an all-zero row gets torch's
+    gradient (1 / eps) instead of the NaN of d||x|| at 0 that jnp.linalg.norm gives (a
+    maximum taken after the norm still multiplies that NaN by 0)."""
+    x = jnp.asarray(x, jnp.float32)
+    sq = jnp.sum(x * x, axis=axis, keepdims=True)
+    return x / jnp.sqrt(jnp.maximum(sq, eps * eps))
+
+
 def cross_entropy(logits, labels, label_smoothing: float = 0.0):
     """Softmax CE with integer labels; label smoothing spreads `label_smoothing` uniformly."""
     num_classes = logits.shape[-1]
@@ -68,7 +92,9 @@ def ldam(logits, labels, class_counts, max_margin: float = 0.5, scale: float = 3
     """LDAM (Cao et al. 2019): subtract m_y = C / n_y^(1/4) from the true logit, scale by s.
 
     The paper's s = 30 assumes cosine logits (a normalised linear head); `weights` are the
-    per-class DRW weights (None before the deferred re-weighting starts)."""
+    per-class DRW weights (None before the deferred re-weighting starts), returned per sample
+    as w_y * l (torch's reduction='none'): reduce with `normalised_sample_weights` (or
+    `weighted_mean(l, w[labels])`) for the reference's sum(w_y l) / sum(w_y)."""
     margins = jnp.asarray(ldam_margins(class_counts, max_margin))
     onehot = jax.nn.one_hot(labels, logits.shape[-1])
     adjusted = logits - onehot * margins[labels][:, None]
@@ -92,7 +118,9 @@ def class_balanced(logits, labels, class_counts, beta: float = 0.9999):
     """Class-balanced softmax CE (Cui et al. 2019): w_y * CE with effective-number weights.
 
     Per sample; `jnp.mean` of it is Cui's normalisation (weights sum to C), while
-    `weighted_mean(cross_entropy(...), w[labels])` would be torch's CrossEntropyLoss(weight=w)."""
+    `weighted_mean(cross_entropy(...), w[labels])` (equivalently the mean of
+    `cross_entropy * normalised_sample_weights(w, labels)`) is torch's
+    CrossEntropyLoss(weight=w), Fed-MAS's `CB` loss."""
     w = jnp.asarray(class_balanced_weights(class_counts, beta))
     return cross_entropy(logits, labels) * w[labels]
 
@@ -121,10 +149,36 @@ def gce(logits, labels, q: float = 0.7):
 
 
 def kd(student_logits, teacher_logits, temperature: float = 4.0):
-    """Hinton KD: T^2 * KL(softmax(t / T) || softmax(s / T))."""
+    """Hinton KD: T^2 * KL(softmax(t / T) || softmax(s / T)), per sample.
+
+    Its stationary point is head-biased on long-tailed data, by construction: the KD term is
+    a cross-entropy against soft labels with no prior correction, averaged over the
+    (long-tailed) training images, so wherever the student cannot tell classes apart its
+    optimum is the training-frequency-weighted mixture of the teacher's outputs, i.e. the
+    training prior that plain CE has. Added to balanced softmax (whose own term removes that
+    prior through the train-time log prior) it re-adds the head offset: in FoPro-KD's quick,
+    head - tail logit offset +3.23 vs 0.00 for balanced softmax alone, tail accuracy 0.165.
+    Expected, not a bug; `balanced_kd` (the teacher's target re-weighted per class) is the
+    usual remedy."""
     t = jax.nn.log_softmax(teacher_logits / temperature)
     s = jax.nn.log_softmax(student_logits / temperature)
     return temperature**2 * jnp.sum(jnp.exp(t) * (t - s), axis=-1)
+
+
+def balanced_kd(student_logits, teacher_logits, class_weights, temperature: float = 4.0):
+    """Class-balanced KD (BKD, Zhang et al., Neurocomputing 2023, as their `BKDLoss`):
+    T^2 * KL(q || softmax(s / T)) per sample, with the teacher's softened outputs re-weighted
+    per class and renormalised, q_c = w_c p_c / sum_k w_k p_k, p = softmax(t / T).
+
+    With effective-number weights (w_c ~ 1 / n_c for small counts) q divides the training
+    prior out of the teacher's target, so the KD term no longer pulls a balanced-softmax
+    student back to the head (see `kd`). The batch mean of it is BKD's `batchmean`."""
+    w = jnp.asarray(class_weights, jnp.float32)
+    p = jax.nn.softmax(jnp.asarray(teacher_logits, jnp.float32) / temperature) * w
+    q = p / jnp.sum(p, axis=-1, keepdims=True)
+    s = jax.nn.log_softmax(student_logits / temperature)
+    logq = jnp.log(jnp.where(q > 0, q, 1.0))  # q log q = 0 where a class weighs 0
+    return temperature**2 * jnp.sum(q * (logq - s), axis=-1)
 
 
 def feature_kd(student_features, teacher_features):
@@ -137,11 +191,11 @@ def feature_kd(student_features, teacher_features):
 
 def cosine_kd(student_features, teacher_features, eps: float = 1e-12):
     """FoPro-KD's EKD term (BYOL's loss): 2 - 2 cos(s, t) = ||s/|s| - t/|t|||^2, per sample;
-    vectors normalised as torch's F.normalize (x / max(|x|, eps))."""
-    def unit(x):
-        x = x.astype(jnp.float32)
-        return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
-    return 2.0 - 2.0 * jnp.sum(unit(student_features) * unit(teacher_features), axis=-1)
+    vectors normalised as torch's F.normalize (x / max(|x|, eps), `l2_normalize`: finite
+    gradients on an all-zero row)."""
+    s = l2_normalize(student_features, eps=eps)
+    t = l2_normalize(teacher_features, eps=eps)
+    return 2.0 - 2.0 * jnp.sum(s * t, axis=-1)
 
 
 LOSSES = ("ce", "bce", "balanced_softmax", "focal", "ldam", "gce", "class_balanced",
@@ -203,8 +257,9 @@ def dice_bce(logits, targets, dice_weight: float = 1.0, bce_weight: float = 1.0,
 
 
 __all__ = [
-    "balanced_softmax", "binary_cross_entropy", "class_balanced", "class_balanced_weights",
-    "classification_loss", "cosine_kd", "cross_entropy", "dice_bce", "drw_weights",
-    "feature_kd", "focal", "gce", "kd", "ldam", "ldam_margins", "log_prior", "logit_adjusted",
-    "soft_cross_entropy", "soft_dice_loss", "weighted_mean", "LOSSES",
+    "balanced_kd", "balanced_softmax", "binary_cross_entropy", "class_balanced",
+    "class_balanced_weights", "classification_loss", "cosine_kd", "cross_entropy", "dice_bce",
+    "drw_weights", "feature_kd", "focal", "gce", "kd", "l2_normalize", "ldam", "ldam_margins",
+    "log_prior", "logit_adjusted", "normalised_sample_weights", "soft_cross_entropy",
+    "soft_dice_loss", "weighted_mean", "LOSSES",
 ]

@@ -168,3 +168,213 @@ def test_projector_heads_match_torch_sequential():
     # where torch uses the unbiased one (a property of models.common.batch_norm)
     np.testing.assert_allclose(updates["batch_stats"]["p_1"]["mean"],
                                seq[1].running_mean.numpy(), rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------ the references' DRW phase, reductions, ramp
+import flax.linen as fnn  # noqa: E402
+import optax  # noqa: E402
+
+from jaxmed.methods.fopro_kd import step  # noqa: E402
+from jaxmed.train.run import Durations  # noqa: E402
+
+torch = pytest.importorskip("torch")
+TF = torch.nn.functional
+LT_COUNTS = np.array([300, 60, 9, 2])
+
+
+def np_effective_number(counts, beta=0.9999):
+    w = (1 - beta) / (1 - beta ** np.asarray(counts, np.float64))
+    return (w / w.sum() * len(counts)).astype(np.float32)
+
+
+def torch_ldam(logits, labels, counts, weight=None, s=30.0):
+    """LDAM-DRW's LDAMLoss.forward (Fed-MAS's the same): CE(s (x - m_y 1_y), weight=w)."""
+    m = 1.0 / np.sqrt(np.sqrt(counts))
+    m = m * (0.5 / m.max())
+    x, y = torch.tensor(logits), torch.tensor(np.asarray(labels, np.int64))
+    onehot = TF.one_hot(y, x.shape[1]).bool()
+    out = torch.where(onehot, x - torch.tensor(m, dtype=x.dtype)[y][:, None], x)
+    w = None if weight is None else torch.tensor(weight)
+    return TF.cross_entropy(s * out, y, weight=w).item()
+
+
+def fedmas_drw_weights(counts, epoch, total_epochs):
+    """Fed-MAS's LDAMLoss / BalancedSupByolLoss.set_weight(round): betas [0, 0.9999][epoch //
+    int(0.8 * epochs)], ones in the first phase."""
+    beta = [0.0, 0.9999][epoch // int(total_epochs * 0.8)]
+    w = (1.0 - beta) / (1.0 - beta ** np.asarray(counts, np.float64))
+    return (w / w.sum() * len(counts)).astype(np.float32)
+
+
+def test_drw_start_is_the_references_epoch_boundary():
+    for spe, epochs in ((5, 9), (5, 10), (3, 7), (2, 200), (4, 13)):
+        d = Durations(spe, spe * epochs)
+        start = step.drw_start_step(d, 0.8)
+        assert start % spe == 0
+        first_drw = min(e for e in range(epochs)
+                        if fedmas_drw_weights(LT_COUNTS, e, epochs)[0] != 1.0)
+        assert start == first_drw * spe, (spe, epochs)
+    assert step.drw_start_step(Durations(5, 45), 0.8) == 35  # epoch 7 of 9, not step 36
+    assert step.drw_start_step(Durations(5, 47), 0.8) == 35  # 9.4 epochs (train.steps)
+    assert step.drw_start_step(Durations(5, 45), 1.0) == 45  # never
+    assert step.drw_start_step(Durations(5, 45), 0.0) == 0
+
+
+class TinyBackbone(fnn.Module):
+    """features h = tanh(flatten(x) W), logits = h @ fc (LDAM's cosine logits use fc)."""
+
+    @fnn.compact
+    def __call__(self, x, train: bool = False, features: bool = False):
+        self.variable("batch_stats", "unused", lambda: jnp.zeros(()))
+        h = jnp.tanh(fnn.Dense(6, name="hidden")(x.reshape(x.shape[0], -1)))
+        logits = fnn.Dense(4, use_bias=False, name="fc")(h)
+        return (logits, h) if features else logits
+
+
+def test_ldam_drw_step_switches_on_the_epoch_and_reduces_as_torch():
+    """9 epochs of 5 steps: step 34 (epoch 6) trains with ones, step 35 (epoch 7) with the
+    effective-number weights, and the batch loss is torch's weighted CE of the margined cosine
+    logits, sum(w_y l) / sum(w_y), padded rows counting nowhere."""
+    d = Durations(5, 45)
+    model = TinyBackbone()
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (8, 2, 2, 3), dtype=np.uint8)
+    labels = np.array([0, 0, 0, 1, 1, 2, 3, 0], np.int32)
+    valid = np.array([True] * 7 + [False])
+    variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 2, 2, 3), np.float32))
+    tx = optax.sgd(0.0)
+    setup = step.Setup("ldam_drw", model, None, tx, LT_COUNTS, ldam_scale=30.0,
+                       drw_start=step.drw_start_step(d, 0.8))
+    params = {"student": {"backbone": variables["params"]}}
+    state = step.KDState(step=jnp.asarray(0, jnp.int32), params=params,
+                         batch_stats={"backbone": variables["batch_stats"]},
+                         opt_state={"student": tx.init(params["student"])},
+                         rng=jax.random.PRNGKey(1))
+    batch = {"image": images, "label": labels, "valid": valid}
+    train = jax.jit(functools.partial(step.train_step, setup=setup))
+    # the cosine logits the step trains on, for the torch reference
+    from jaxmed.data import augment
+    _, h = model.apply(variables, augment.normalize(images), features=True)
+    z = np.asarray(step.cosine_logits(h, variables["params"]))[valid]
+    y = labels[valid]
+    got = {}
+    for s_ in (34, 35, 44):
+        _, m = train(state.replace(step=jnp.asarray(s_, jnp.int32)), {}, batch)
+        got[s_] = float(m["loss_sup"])
+        w = fedmas_drw_weights(LT_COUNTS, s_ // 5, 9)
+        assert got[s_] == pytest.approx(torch_ldam(z, y, LT_COUNTS, weight=w), rel=1e-5), s_
+    assert got[34] == pytest.approx(torch_ldam(z, y, LT_COUNTS), rel=1e-5)  # ones: plain CE
+    assert abs(got[35] - got[34]) > 0.05 * got[34]  # the loss weights differ after the switch
+    assert got[35] == got[44]
+
+
+def _ekd_out(rng, b=6):
+    return {"logits": jnp.asarray(rng.normal(size=(b, C)) * 2, jnp.float32),
+            "proj": jnp.asarray(rng.normal(size=(b, D)), jnp.float32),
+            "proj_logits": jnp.asarray(rng.normal(size=(b, C)), jnp.float32)}
+
+
+def test_kd_class_weights_follow_the_drw_schedule():
+    """Fed-MAS balanced_free: ones until the DRW epoch, then effective-number weights on the
+    KD term, reduced as its BalancedSupByolLoss(...).mean() (batch mean of w_y kd)."""
+    rng = np.random.default_rng(4)
+    out, t = _ekd_out(rng), jnp.asarray(rng.normal(size=(B, D)), jnp.float32)
+    cb = np_effective_number(COUNTS)
+    d = Durations(5, 45)
+    setup = step.Setup("ekd", None, None, None, COUNTS, kd_class_weights=cb,
+                       drw_start=step.drw_start_step(d, 0.8))
+    kd = np_cos_kd(np.asarray(out["proj"]), np.asarray(t))
+    for s_ in (0, 34, 35, 40):
+        _, parts = step.per_sample_loss(setup, out, LABELS, s_, t_feats=t)
+        w = fedmas_drw_weights(COUNTS, s_ // 5, 9)
+        np.testing.assert_allclose(float(jnp.mean(parts["loss_kd"])),
+                                   np.mean(w[LABELS] * kd), rtol=1e-5)
+    before = step.per_sample_loss(setup, out, LABELS, 34, t_feats=t)[1]["loss_kd"]
+    after = step.per_sample_loss(setup, out, LABELS, 35, t_feats=t)[1]["loss_kd"]
+    np.testing.assert_allclose(before, kd, rtol=1e-5)
+    assert not np.allclose(before, after)
+
+
+def fedmas_lrd(round_, rounds, start):
+    """Fed-MAS --LRD: ramp_down = 1 - LinearRampUp(rounds - start)(round - start) from
+    round start on (LinearRampUp(length)(x) = min(x / length, 1))."""
+    if round_ < start:
+        return 1.0
+    return 1.0 - min((round_ - start) / (rounds - start), 1.0)
+
+
+def test_w_kd_ramp_down_is_fedmas_lrd_per_epoch():
+    for spe, epochs, f in ((4, 10, 0.3), (3, 9, 0.3), (2, 20, 0.5)):
+        d = Durations(spe, spe * epochs)
+        setup = step.Setup("ekd", None, None, None, COUNTS, w_kd=3.0, w_kd_ramp=f,
+                           durations=d)
+        got = np.array([float(step.w_kd_at(setup, s_)) for s_ in range(d.total)])
+        want = np.array([3.0 * fedmas_lrd(s_ // spe, epochs, int(f * epochs))
+                         for s_ in range(d.total)])
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+        assert got[0] == 3.0 and got[-1] < 3.0 and np.all(np.diff(got) <= 0)
+    flat = step.Setup("ekd", None, None, None, COUNTS, w_kd=3.0)  # default off: constant
+    assert float(step.w_kd_at(flat, 10 ** 6)) == 3.0
+    # the EKD step's loss uses the ramped weight
+    d = Durations(4, 40)
+    setup = step.Setup("ekd", None, None, None, COUNTS, w_kd=3.0, w_kd_ramp=0.3, durations=d)
+    rng = np.random.default_rng(5)
+    out, t = _ekd_out(rng), jnp.asarray(rng.normal(size=(B, D)), jnp.float32)
+    per, parts = step.per_sample_loss(setup, out, LABELS, 30, t_feats=t)  # epoch 7: 3 * 3/7
+    np.testing.assert_allclose(
+        per, parts["loss_sup"] + parts["loss_sup_proj"] + 3.0 * (3 / 7) * parts["loss_kd"],
+        rtol=1e-5)
+
+
+def test_setup_refuses_a_bad_ramp_or_reduction():
+    from jaxmed.methods import fopro_kd
+
+    kd = fopro_kd.default_config().kd
+    kw = dict(method="ekd", model=None, heads=None, tx=None, class_counts=COUNTS,
+              drw_start=0, kd_class_weights=None, durations=Durations(2, 10))
+    with kd.unlocked():
+        kd.w_kd_ramp = 1.5
+    with pytest.raises(ValueError, match="config.kd.w_kd_ramp=1.5"):
+        step.Setup.from_config(kd, **kw)
+    kd.w_kd_ramp, kd.cb_reduction = 0.0, "sum"
+    with pytest.raises(ValueError, match="config.kd.cb_reduction='sum'"):
+        step.Setup.from_config(kd, **kw)
+
+
+def test_class_balanced_reductions():
+    """'weighted': torch's CrossEntropyLoss(weight=w) (Fed-MAS CB); 'mean': Cui's mean(w_y l)."""
+    rng = np.random.default_rng(6)
+    logits = rng.normal(size=(B, C)).astype(np.float32) * 2
+    w = np_effective_number(COUNTS)
+    torch_cb = TF.cross_entropy(torch.tensor(logits), torch.tensor(LABELS),
+                                weight=torch.tensor(w)).item()
+    weighted = step.Setup("class_balanced", None, None, None, COUNTS)
+    per, _ = step.per_sample_loss(weighted, {"logits": jnp.asarray(logits)}, LABELS, 0)
+    assert float(jnp.mean(per)) == pytest.approx(torch_cb, rel=1e-5)
+    cui = step.Setup("class_balanced", None, None, None, COUNTS, cb_reduction="mean")
+    per, _ = step.per_sample_loss(cui, {"logits": jnp.asarray(logits)}, LABELS, 0)
+    ce = -np.log(np.exp(logits) / np.exp(logits).sum(1, keepdims=True))[np.arange(B), LABELS]
+    assert float(jnp.mean(per)) == pytest.approx(np.mean(w[LABELS] * ce), rel=1e-5)
+
+
+def test_balanced_kd_method_is_bsm_plus_the_class_balanced_kd_term():
+    assert "balanced_kd" in step.METHODS and "balanced_kd" in step.LOGIT_KD
+    assert "balanced_kd" not in step.STUDENT_ONLY
+    rng = np.random.default_rng(7)
+    logits = jnp.asarray(rng.normal(size=(B, C)) * 2, jnp.float32)
+    t_logits = jnp.asarray(rng.normal(size=(B, C)) * 3, jnp.float32)
+    setup = step.Setup("balanced_kd", None, None, None, COUNTS, w_hinton=0.7, temperature=3.0)
+    per, parts = step.per_sample_loss(setup, {"logits": logits}, LABELS, 0, t_logits=t_logits)
+    w = np_effective_number(COUNTS)
+    p = np.exp(np.asarray(t_logits) / 3)
+    q = p * w / (p * w).sum(1, keepdims=True)
+    logp = np.asarray(jax.nn.log_softmax(logits / 3))
+    bkd = 9.0 * (q * (np.log(q) - logp)).sum(1)
+    np.testing.assert_allclose(parts["loss_kd"], bkd, rtol=1e-5)
+    np.testing.assert_allclose(parts["loss_sup"], np_bsm(np.asarray(logits), LABELS, COUNTS),
+                               rtol=1e-5)
+    np.testing.assert_allclose(per, parts["loss_sup"] + 0.7 * bkd, rtol=1e-5)
+    hinton = step.per_sample_loss(step.Setup("hinton_kd", None, None, None, COUNTS,
+                                             w_hinton=0.7, temperature=3.0),
+                                  {"logits": logits}, LABELS, 0, t_logits=t_logits)[1]
+    assert not np.allclose(hinton["loss_kd"], parts["loss_kd"])  # the weights act

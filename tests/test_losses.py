@@ -159,3 +159,86 @@ def test_feature_and_cosine_kd_match_numpy():
     byol = 2 - 2 * (F.normalize(torch.tensor(s), dim=-1) * F.normalize(torch.tensor(t), dim=-1)
                     ).sum(-1)
     np.testing.assert_allclose(got, byol.numpy(), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------- references' reductions, normalisation, BKD
+def _ldam_adjusted(logits, labels, counts):
+    m = counts ** -0.25
+    m = m * 0.5 / m.max()
+    adj = logits.copy()
+    adj[np.arange(len(labels)), labels] -= m[labels]
+    return adj
+
+
+def test_normalised_sample_weights_give_torch_weighted_reduction():
+    """mean over the valid rows of w_y-scaled LDAM = F.cross_entropy(weight=w) (sum(w l) /
+    sum(w)) on those rows, not mean(w_y l)."""
+    w = _np_effective_number_weights(COUNTS, 0.9999).astype(np.float32)
+    valid = np.ones(12, bool)
+    valid[[3, 8]] = False  # padded rows count nowhere, in the numerator or the normaliser
+    per = losses.ldam(LOGITS, LABELS, COUNTS) * losses.normalised_sample_weights(
+        w, LABELS, valid)
+    got = float(losses.weighted_mean(per, valid))
+    adj = _ldam_adjusted(LOGITS, LABELS, COUNTS)
+    want = F.cross_entropy(torch.tensor(30 * adj[valid]), torch.tensor(LABELS[valid]),
+                           weight=torch.tensor(w)).item()
+    assert got == pytest.approx(want, rel=1e-5)
+    plain = float(jnp.mean(losses.ldam(LOGITS, LABELS, COUNTS, weights=w)[valid]))
+    assert abs(plain - want) > 0.05 * want  # what mean(w_y l) would have given instead
+
+
+def test_l2_normalize_is_torch_normalize_with_finite_gradients_on_a_zero_row():
+    from jaxmed.methods.fopro_kd.step import cosine_logits
+
+    x = RNG.normal(size=(4, 6)).astype(np.float32)
+    x[2] = 0.0  # an all-zero row (a dead ReLU feature vector)
+    r = RNG.normal(size=(4, 6)).astype(np.float32)
+    xt = torch.tensor(x, requires_grad=True)
+    (F.normalize(xt, dim=-1) * torch.tensor(r)).sum().backward()
+    np.testing.assert_allclose(losses.l2_normalize(x), F.normalize(torch.tensor(x), dim=-1),
+                               rtol=1e-6, atol=1e-7)
+    g = jax.grad(lambda a: jnp.sum(losses.l2_normalize(a) * r))(jnp.asarray(x))
+    np.testing.assert_allclose(g, xt.grad.numpy(), rtol=1e-5, atol=1e-6 * 1e12)
+    # EKD's cosine term: a zero student row has torch's finite gradient, not NaN
+    t = RNG.normal(size=(4, 6)).astype(np.float32)
+    gk = jax.grad(lambda a: jnp.sum(losses.cosine_kd(a, t)))(jnp.asarray(x))
+    xt.grad = None
+    byol = 2 - 2 * (F.normalize(xt, dim=-1) * F.normalize(torch.tensor(t), dim=-1)).sum(-1)
+    byol.sum().backward()
+    assert np.isfinite(np.asarray(gk)).all()
+    np.testing.assert_allclose(gk, xt.grad.numpy(), rtol=1e-5, atol=1.0)  # (|g| ~ 1e12 there)
+    # LDAM's NormedLinear (cosine logits) with a zero feature row and a zero class column
+    kernel = RNG.normal(size=(6, 5)).astype(np.float32)
+    kernel[:, 1] = 0.0
+    gh, gw = jax.grad(lambda h, k: jnp.sum(cosine_logits(h, {"fc": {"kernel": k}}) * LOGITS[:4]),
+                      argnums=(0, 1))(jnp.asarray(x), jnp.asarray(kernel))
+    ht, kt = torch.tensor(x, requires_grad=True), torch.tensor(kernel, requires_grad=True)
+    (torch.mm(F.normalize(ht, dim=1), F.normalize(kt, dim=0)) * torch.tensor(LOGITS[:4])
+     ).sum().backward()
+    assert np.isfinite(np.asarray(gh)).all() and np.isfinite(np.asarray(gw)).all()
+    np.testing.assert_allclose(gh, ht.grad.numpy(), rtol=1e-5, atol=1.0)
+    np.testing.assert_allclose(gw, kt.grad.numpy(), rtol=1e-5, atol=1.0)
+
+
+def test_balanced_kd_matches_the_bkd_reference():
+    """BKD (Zhang et al.'s BKDLoss): the teacher's softened outputs times w_c, renormalised,
+    then T^2 KL per sample; with equal weights it is Hinton KD."""
+    teacher = RNG.normal(size=(12, 5)).astype(np.float32) * 2
+    w = _np_effective_number_weights(COUNTS, 0.9999).astype(np.float32)
+    T = 2.0
+    pred_t = F.softmax(torch.tensor(teacher) / T, dim=1) * torch.tensor(w)
+    pred_t = pred_t / pred_t.sum(1)[:, None]
+    want = F.kl_div(F.log_softmax(torch.tensor(LOGITS) / T, dim=1), pred_t,
+                    reduction="none").sum(1).numpy() * T * T
+    got = losses.balanced_kd(LOGITS, teacher, w, T)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # BKDLoss's reduction: kl_div(...).mean(dim=0).sum() * T^2, the batch mean of `got`
+    bkd = F.kl_div(F.log_softmax(torch.tensor(LOGITS) / T, dim=1), pred_t,
+                   reduction="none").mean(0).sum().item() * T * T
+    assert float(jnp.mean(got)) == pytest.approx(bkd, rel=1e-5)
+    np.testing.assert_allclose(losses.balanced_kd(LOGITS, teacher, np.full(5, 0.3), T),
+                               losses.kd(LOGITS, teacher, T), rtol=1e-5, atol=1e-6)
+    w0 = w.copy()
+    w0[1] = 0.0  # a class that weighs 0 drops out of the target, the loss stays finite
+    z = losses.balanced_kd(LOGITS, teacher, w0, T)
+    assert np.isfinite(np.asarray(z)).all()

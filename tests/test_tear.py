@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxmed import data as data_lib
-from jaxmed.config_check import sibling
+from jaxmed.config_check import ConfigKeyError, sibling
 from jaxmed.data.datasets import tables as T
 from jaxmed.data.sources import record_indices
 from jaxmed.methods import tear
@@ -108,7 +108,7 @@ def test_stratified_labeled_subset():
     assert not np.array_equal(got, ssl_data.stratified_labeled(labels, 50, seed=4))
     tiny = ssl_data.stratified_labeled(labels, 5, seed=0)  # floor gives 0 to the rare class
     assert np.bincount(labels[tiny], minlength=4).min() >= 1 and len(tiny) == 5
-    with pytest.raises(ValueError, match="num_labeled=3"):
+    with pytest.raises(ConfigKeyError, match="num_labeled=3"):  # one line from the CLI
         ssl_data.stratified_labeled(labels, 3, seed=0)
 
 
@@ -122,15 +122,16 @@ def _write_images(folder, names):
 
 def test_split_lists(tmp_path):
     root = str(tmp_path / "img")
-    _write_images(os.path.join(root, "sub"), [f"ISIC_{i}.jpg" for i in range(6)])
+    _write_images(os.path.join(root, "sub"), [f"ISIC_{i}.jpg" for i in range(7)])
     lab, unl = tmp_path / "Train2.txt", tmp_path / "Train_unl2.txt"
-    lab.write_text("ISIC_0.jpg 1 0 0\nISIC_1.jpg  0 0 1 \n")
+    lab.write_text("ISIC_0.jpg 1 0 0\nISIC_1.jpg  0 0 1 \nISIC_6.jpg 0 1 0\n")  # every class
     unl.write_text("ISIC_2.jpg 0 1 0\nISIC_3.jpg 1 0 0\nISIC_4.jpg 0 0 1\n")
     labeled, unlabeled = ssl_data.from_lists(str(lab), str(unl), root, 3)
-    np.testing.assert_array_equal(labeled.labels, [0, 2])
+    np.testing.assert_array_equal(labeled.labels, [0, 2, 1])
     np.testing.assert_array_equal(unlabeled.labels, [1, 0, 2])
-    np.testing.assert_array_equal(record_indices(unlabeled), [2, 3, 4])
-    np.testing.assert_array_equal(ssl_data.labels_by_index(unlabeled, 6), [-1, -1, 1, 0, 2, -1])
+    np.testing.assert_array_equal(record_indices(unlabeled), [3, 4, 5])
+    np.testing.assert_array_equal(ssl_data.labels_by_index(unlabeled, 7),
+                                  [-1, -1, -1, 1, 0, 2, -1])
     assert unlabeled[0]["image"].endswith(os.path.join("sub", "ISIC_2.jpg"))
     unl.write_text("ISIC_1.jpg 0 1 0\n")
     with pytest.raises(T.DataFormatError, match="ISIC_1"):

@@ -383,3 +383,326 @@ def test_iph_gradients_reach_the_student_side_only():
     assert np.abs(np.asarray(g_s)).max() > 1e-4
     assert np.abs(np.asarray(g_t)).max() == 0.0
     assert _iph_grad._cache_size() == 1
+
+
+# ------------------------------------------------------------ one whole step, every algorithm
+# The model's logits are a learnable table (row = the id written in the image's one pixel), so
+# every gradient is visible: the labeled, weak and strong views of each sample are separate
+# rows, and the step's gradient of each row is compared with a torch reference step written
+# here from USB's train_step (FixMatch / FlexMatch / FreeMatch / SoftMatch / pseudo-label /
+# mean teacher) and TEAR's DA queue. The reference sees the valid rows only (USB has no
+# padding); the jaxmed batch also holds one padded unlabeled row, which must count nowhere.
+torch = pytest.importorskip("torch")
+import flax.linen as fnn  # noqa: E402
+import optax  # noqa: E402
+
+from jaxmed.data import augment  # noqa: E402
+from jaxmed.methods.tear import algorithms  # noqa: E402
+from jaxmed.methods.tear import step as ssl_step  # noqa: E402
+from jaxmed.train.state import TrainState  # noqa: E402
+
+TF = torch.nn.functional
+C_T, NB, NU, ROWS, FD, SLOTS_T = 3, 4, 7, 18, 4, 30
+ID_LB, ID_W, ID_S = np.arange(NB), NB + np.arange(NU), NB + NU + np.arange(NU)
+Y_LB = np.array([2, 0, 1, 0])
+U_INDEX = np.array([12, 5, 20, 7, 15, 23, 9], np.int32)  # stable indices (memories)
+U_VALID = np.array([True] * (NU - 1) + [False])  # the last unlabeled row is padding
+WEAK = np.array([[5.0, 0.0, -1.0],  # confident class 0 (p 0.991)
+                 [0.2, 4.5, 0.0],  # confident class 1 (0.976)
+                 [1.0, 0.8, 0.3],  # unsure class 0 (0.432): FreeMatch's old tau 0.40 < it < new
+                 [0.0, 0.5, 3.4],  # class 2, 0.919: under FixMatch's 0.95
+                 [-1.0, 3.2, 3.0],  # unsure class 1 (0.545)
+                 [2.5, 0.5, 0.0],  # class 0, 0.821: FlexMatch's class-0 cutoff 0.79 -> 0.95
+                 [9.0, 0.0, 0.0]], np.float32)  # padding: confident, must never count
+_r = np.random.default_rng(21)
+TABLE = np.concatenate([_r.normal(size=(NB, C_T)) * 2, WEAK,
+                        _r.normal(size=(NU, C_T)) * 1.5]).astype(np.float32)
+FEATS = _r.normal(size=(ROWS, FD)).astype(np.float32)
+EMA_TABLE = (TABLE + _r.normal(size=TABLE.shape) * 0.7).astype(np.float32)  # a teacher apart
+EMA_FEATS = (FEATS + _r.normal(size=FEATS.shape) * 0.5).astype(np.float32)
+CENTROIDS = _r.normal(size=(C_T, FD)).astype(np.float32)  # IPH's warm start (last step's)
+M_MEAN = float(np.mean(augment.IMAGENET_MEAN))
+M_STD = float(np.mean(augment.IMAGENET_STD))
+
+
+class TableModel(fnn.Module):
+    """logits = table[id], features = feats[id], id = the uint8 value of the image's pixel
+    (recovered from the ImageNet-normalised input)."""
+
+    @fnn.compact
+    def __call__(self, x, train: bool = False, features: bool = False):
+        table = self.param("table", lambda k: jnp.asarray(TABLE))
+        feats = self.param("feats", lambda k: jnp.asarray(FEATS))
+        self.variable("batch_stats", "unused", lambda: jnp.zeros(()))
+        ids = jnp.round((x[:, 0, 0, 0] * M_STD + M_MEAN) * 255.0).astype(jnp.int32)
+        return (table[ids], feats[ids]) if features else table[ids]
+
+
+def grad_capture():
+    """An 'optimizer' that leaves the params unchanged and stores the gradient as its state."""
+    return optax.GradientTransformation(
+        lambda p: jax.tree.map(jnp.zeros_like, p),
+        lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
+
+
+def table_batch():
+    img = lambda ids: np.asarray(ids, np.uint8).reshape(-1, 1, 1, 1)  # noqa: E731
+    return {"labeled": {"image": img(ID_LB), "label": Y_LB.astype(np.int32),
+                        "index": np.arange(NB, dtype=np.int32), "valid": np.ones(NB, bool)},
+            "unlabeled": {"weak": img(ID_W), "strong": img(ID_S), "index": U_INDEX,
+                          "valid": U_VALID}}
+
+
+def planted_memory(name, mem):
+    """Non-initial running state, so that masks / weights are partial."""
+    if mem.flex is not None:  # 24 unlabeled slots (4..27): 10 picked class 0, 3 class 1
+        sel = np.full(SLOTS_T, -1, np.int32)
+        sel[[4, 6, 8, 10, 11, 13, 14, 16, 17, 18]] = 0
+        sel[[19, 21, 22]] = 1
+        mem = mem.replace(flex=mem.flex.replace(selected=jnp.asarray(sel)))
+    if mem.free is not None:
+        mem = mem.replace(free=th.FreeMatchState(
+            time_p=jnp.asarray(0.4), p_model=jnp.asarray([0.5, 0.3, 0.2]),
+            label_hist=jnp.asarray([0.55, 0.3, 0.15])))
+    if mem.soft is not None:
+        mem = mem.replace(soft=th.SoftMatchState(mu=jnp.asarray(0.8), var=jnp.asarray(0.02)))
+    if mem.uniform is not None:
+        mem = mem.replace(uniform=mem.uniform.replace(p_model=jnp.asarray([0.5, 0.35, 0.15]),
+                                                      count=jnp.asarray(4, jnp.int32)))
+    if mem.da is not None:
+        q = np.zeros((32, C_T), np.float32)
+        q[:3] = [[0.6, 0.3, 0.1], [0.5, 0.3, 0.2], [0.55, 0.25, 0.2]]
+        mem = mem.replace(da=pl.DAQueue(means=jnp.asarray(q), count=jnp.asarray(3, jnp.int32)))
+    if mem.teacher is not None:
+        mem = mem.replace(teacher=teacher.EmaTeacher(
+            params={"table": jnp.asarray(EMA_TABLE), "feats": jnp.asarray(EMA_FEATS)},
+            batch_stats={"unused": jnp.zeros(())}))
+    if mem.adapl is not None:  # slots 5 and 15 seen before, with their estimates
+        est, seen = np.zeros(SLOTS_T, np.float32), np.zeros(SLOTS_T, bool)
+        est[[5, 15]], seen[[5, 15]] = [0.3, 1.2], True
+        mem = mem.replace(adapl=adapl.AdaPLMemory(estimate=jnp.asarray(est),
+                                                  seen=jnp.asarray(seen)))
+    if mem.iph is not None:
+        mem = mem.replace(iph=prototypes.IPHState(centroids=jnp.asarray(CENTROIDS),
+                                                  initialized=jnp.ones((), bool)))
+    return mem
+
+
+HP = ssl_step.Hyper(num_classes=C_T, total_steps=20, ema_p=0.9, teacher_momentum=0.8)
+STEP0 = 3  # pseudo-label / mean teacher ramp: 3 / (0.4 * 20)
+
+
+def jax_step(name):
+    alg = algorithms.get(name)
+    model = TableModel()
+    variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 1, 1, 1), np.float32))
+    tx = grad_capture()
+    base = TrainState.create(variables, tx, jax.random.PRNGKey(1))
+    mem = ssl_step.init_memory(alg, HP, params=base.params, batch_stats=base.batch_stats,
+                               num_slots=SLOTS_T, num_unlabeled=24, feature_dim=FD)
+    state = ssl_step.create_ssl_state(base, planted_memory(name, mem), SLOTS_T)
+    state = state.replace(step=jnp.asarray(STEP0, jnp.int32))
+    fn = ssl_step.make_ssl_step(model, tx, alg, HP)
+    return state, jax.device_get(jax.jit(fn)(state, table_batch()))
+
+
+def torch_reference_step(name, before):
+    """USB's train_step of `name` on the valid rows, by torch autograd on the table."""
+    t = torch.tensor(TABLE, dtype=torch.float64, requires_grad=True)
+    f = torch.tensor(FEATS, dtype=torch.float64, requires_grad=True)
+    v = U_VALID
+    lb, w, s = t[ID_LB], t[ID_W[v]], t[ID_S[v]]
+    sup = TF.cross_entropy(lb, torch.tensor(Y_LB))
+    probs = torch.softmax(w.detach(), -1)
+    mem = jax.device_get(before.ssl)
+    new, extra = {}, {}
+    m = HP.ema_p
+    ramp = 1.0
+    if name in ("fixmatch", "pseudo_label"):
+        mask = (probs.max(-1).values >= 0.95).double()
+        plab = probs.argmax(-1)
+    elif name in ("fixmatch_da", "tear"):
+        means, count = np.array(mem.da.means, np.float64), int(mem.da.count)
+        means[count % 32] = probs.mean(0).numpy()
+        aligned = probs / torch.tensor(means[:count + 1].mean(0))
+        aligned = aligned / aligned.sum(-1, keepdim=True)
+        mask = (aligned.max(-1).values >= 0.95).double()
+        plab = aligned.argmax(-1)
+        new["da_means"] = means
+    elif name == "flexmatch":
+        sel = np.array(mem.flex.selected)
+        unl = np.arange(4, 28)  # USB's selected_label: one entry per unlabeled record
+        counts = Counter(sel[unl].tolist())
+        acc = torch.tensor([counts[c] / max(counts.values()) for c in range(C_T)])
+        maxp, plab = probs.max(-1)
+        mask = (maxp >= 0.95 * acc[plab] / (2 - acc[plab])).double()
+        select = (maxp >= 0.95).numpy()
+        sel[U_INDEX[v][select]] = plab.numpy()[select]
+        new["selected"] = sel
+    elif name == "freematch":
+        maxp, plab = probs.max(-1)
+        time_p = m * float(mem.free.time_p) + (1 - m) * maxp.mean()
+        p_model = m * torch.tensor(np.array(mem.free.p_model), dtype=torch.float64) + (
+            1 - m) * probs.mean(0)
+        hist = torch.bincount(plab, minlength=C_T).double()
+        label_hist = m * torch.tensor(np.array(mem.free.label_hist), dtype=torch.float64) + (
+            1 - m) * hist / hist.sum()
+        mask = (maxp >= time_p * (p_model / p_model.max())[plab]).double()
+        new.update(time_p=time_p.item(), p_model=p_model.numpy(),
+                   label_hist=label_hist.numpy())
+    elif name == "softmatch":
+        p_model = m * torch.tensor(np.array(mem.uniform.p_model), dtype=torch.float64) + (
+            1 - m) * probs.mean(0)
+        aligned = probs * (1 / C_T + 1e-6) / (p_model + 1e-6)
+        aligned = aligned / aligned.sum(-1, keepdim=True)
+        amax = aligned.max(-1).values
+        mu = m * float(mem.soft.mu) + (1 - m) * amax.mean().item()
+        var = m * float(mem.soft.var) + (1 - m) * amax.var(unbiased=True).item()
+        mask = torch.exp(-torch.clamp(amax - mu, max=0.0) ** 2 / (2 * var / 4.0))
+        plab = probs.argmax(-1)  # the raw weak logits' labels, not the aligned ones
+        new.update(uniform=p_model.numpy(), mu=mu, var=var)
+    if name == "mean_teacher":
+        t_probs = torch.softmax(torch.tensor(EMA_TABLE[ID_W[v]], dtype=torch.float64), -1)
+        mask = torch.ones(int(v.sum()), dtype=torch.float64)
+        unsup = ((torch.softmax(s, -1) - t_probs) ** 2).mean(-1).mean()
+        lam, ramp = 50.0, min(STEP0 / (0.4 * HP.total_steps), 1.0)
+    else:
+        logits_u = w if name == "pseudo_label" else s  # pseudo-label: the weak view on itself
+        unsup = (TF.cross_entropy(logits_u, plab, reduction="none") * mask).mean()
+        lam = 1.0
+        if name == "pseudo_label":
+            ramp = min(STEP0 / (0.4 * HP.total_steps), 1.0)
+    total = sup + lam * ramp * unsup
+    if name == "freematch" and mask.sum() > 0:  # USB's entropy_loss over the masked rows
+        ps = torch.softmax(s[mask.bool()], -1)
+        hs = torch.bincount(ps.argmax(-1), minlength=C_T).double()
+        hs = hs / hs.sum()
+        inv = lambda h: torch.where(h > 0, 1 / h, torch.zeros_like(h)).detach()  # noqa: E731
+        mod_model = p_model * inv(label_hist)
+        mod_model = mod_model / mod_model.sum()
+        mod_mean = ps.mean(0) * inv(hs)
+        mod_mean = mod_mean / mod_mean.sum()
+        fair = (mod_model * torch.log(mod_mean + 1e-12)).sum()
+        total = total + 0.001 * fair
+        extra["fair_loss"] = fair.item()
+    if name == "tear":  # + AdaPL (weight 0.1) + IPH (weight 0.1), TEAR's spec
+        t_all = torch.softmax(torch.tensor(EMA_TABLE[np.r_[ID_LB, ID_W[v]]],
+                                           dtype=torch.float64), -1)
+        t_w = t_all[NB:]
+        d = (t_w * torch.log(t_w / probs)).sum(-1)  # KL(teacher || student) of the weak view
+        est, seen = np.array(mem.adapl.estimate, np.float64), np.array(mem.adapl.seen)
+        idx = U_INDEX[v]
+        d = torch.where(torch.tensor(seen[idx]), 0.9 * torch.tensor(est[idx]) + 0.1 * d, d)
+        est[idx], seen[idx] = d.numpy(), True
+        eps = torch.sigmoid(2.0 * d) - 0.5
+        q = (1 - eps)[:, None] * TF.one_hot(plab, C_T) + eps[:, None] / C_T
+        ad = (-(q * torch.log_softmax(s, -1)).sum(-1) * mask).mean()
+        # IPH: teacher class means of its normalised features under its DA-aligned labels
+        t_al = t_all / torch.tensor(means[:count + 1].mean(0))
+        t_lab = t_al.argmax(-1)
+        unit = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731
+        tf_ = unit(torch.tensor(EMA_FEATS[np.r_[ID_LB, ID_W[v]]], dtype=torch.float64))
+        t_pres = torch.stack([(t_lab == k).any() for k in range(C_T)])
+        zero = torch.zeros(FD, dtype=torch.float64)
+        t_proto = torch.stack([tf_[t_lab == k].mean(0) if t_pres[k] else zero
+                               for k in range(C_T)])
+        sf = unit(f[ID_W[v]])  # the student's weak features, with gradient
+        c = torch.tensor(CENTROIDS, dtype=torch.float64)  # warm start: last step's centroids
+        for it in range(3):  # Lloyd: assignments frozen, the last means differentiable
+            a = torch.cdist(sf.detach(), c).argmin(-1)
+            feats_k = sf if it == 2 else sf.detach()
+            c = torch.stack([feats_k[a == k].mean(0) if (a == k).any() else c[k]
+                             for k in range(C_T)])
+        s_pres = torch.stack([(a == k).any() for k in range(C_T)])
+        both = (s_pres & t_pres).double()
+        cos = (unit(c) * unit(t_proto + 1e-30)).sum(-1)
+        ip = (both * (1 - cos)).sum() / both.sum().clamp(min=1)
+        total = total + 0.1 * ad + 0.1 * ip
+        extra.update(adapl_loss=ad.item(), iph_loss=ip.item())
+        new.update(estimate=est, seen=seen, centroids=c.detach().numpy())
+    total.backward()
+    # USB's EMAHook after the optimizer step (params unchanged here): m_ema t + (1 - m_ema) p
+    mt = HP.teacher_momentum
+    new["teacher"] = mt * EMA_TABLE + (1 - mt) * TABLE
+    return {"loss": total.item(), "sup_loss": sup.item(), "unsup_loss": unsup.item(),
+            "mask_rate": mask.mean().item(), "grad": t.grad.numpy(), "mask": mask.numpy(),
+            "grad_feats": np.zeros(FEATS.shape) if f.grad is None else f.grad.numpy(),
+            **extra}, new
+
+
+@pytest.mark.parametrize("name", ["fixmatch", "fixmatch_da", "flexmatch", "freematch",
+                                  "softmatch", "pseudo_label", "mean_teacher", "tear"])
+def test_one_ssl_step_matches_the_reference_step(name):
+    before, (after, metrics) = jax_step(name)
+    ref, new = torch_reference_step(name, before)
+    assert 0 < ref["mask"].mean() < 1 or name == "mean_teacher", ref["mask"]  # partial
+    for k in ("loss", "sup_loss", "unsup_loss", "mask_rate", "fair_loss", "adapl_loss",
+              "iph_loss"):
+        if k in ref:
+            np.testing.assert_allclose(metrics[k], ref[k], rtol=2e-5, atol=1e-6, err_msg=k)
+    grad = after.opt_state["table"]  # the step's gradient (grad_capture)
+    np.testing.assert_allclose(grad, ref["grad"], rtol=2e-5, atol=1e-6)
+    g_weak = np.asarray(grad)[ID_W]
+    if name == "pseudo_label":  # its loss is the weak view's: its rows move, the strong don't
+        assert np.abs(g_weak[U_VALID]).max() > 1e-3
+        assert np.all(np.asarray(grad)[ID_S] == 0)
+    else:  # no gradient through the weak view (pseudo labels / masks / teacher targets)
+        assert np.all(g_weak == 0)
+    assert np.all(g_weak[~U_VALID] == 0) and np.all(np.asarray(grad)[ID_S][~U_VALID] == 0)
+    np.testing.assert_allclose(after.opt_state["feats"], ref["grad_feats"], rtol=2e-5,
+                               atol=1e-6)  # IPH's (TEAR): the student's weak features only
+    if name != "tear":
+        assert np.all(after.opt_state["feats"] == 0)
+    mem = after.ssl
+    np.testing.assert_allclose(mem.teacher.params["table"], new["teacher"], rtol=1e-6)
+    if name == "tear":
+        assert np.abs(ref["grad_feats"]).max() > 1e-4 and ref["iph_loss"] > 1e-3
+        np.testing.assert_allclose(mem.adapl.estimate, new["estimate"], rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(mem.adapl.seen, new["seen"])
+        np.testing.assert_allclose(mem.iph.centroids, new["centroids"], rtol=1e-5, atol=1e-6)
+    if name in ("fixmatch_da", "tear"):
+        np.testing.assert_allclose(mem.da.means, new["da_means"], rtol=1e-6, atol=1e-7)
+        assert int(mem.da.count) == 4
+    if name == "flexmatch":
+        np.testing.assert_array_equal(mem.flex.selected, new["selected"])
+    if name == "freematch":
+        np.testing.assert_allclose(
+            [mem.free.time_p, *mem.free.p_model, *mem.free.label_hist],
+            [new["time_p"], *new["p_model"], *new["label_hist"]], rtol=1e-6)
+    if name == "softmatch":
+        np.testing.assert_allclose(mem.uniform.p_model, new["uniform"], rtol=1e-6)
+        np.testing.assert_allclose([mem.soft.mu, mem.soft.var], [new["mu"], new["var"]],
+                                   rtol=1e-5)
+
+
+def test_evaluation_uses_the_ema_params_and_reports_the_student_beside():
+    """USB evaluates its EMA model: planted EMA and student tables differ, and the eval step's
+    `probs` are the EMA's, `student_probs` the student's; eval_ema=False: the student's."""
+    from jaxmed.methods.tear.run import ema_and_student_metrics
+
+    state, _ = jax_step("fixmatch")  # the state before the step: EMA = EMA_TABLE (planted)
+    ids = np.r_[ID_LB, ID_S]
+    labels = EMA_TABLE[ids].argmax(-1).astype(np.int32)  # the EMA is right on every image
+    batch = {"image": ids.astype(np.uint8).reshape(-1, 1, 1, 1), "label": labels,
+             "valid": np.ones(len(ids), bool)}
+    out = jax.device_get(jax.jit(ssl_step.make_eval_step(TableModel()))(state, batch))
+    soft = lambda z: np.exp(z) / np.exp(z).sum(-1, keepdims=True)  # noqa: E731
+    np.testing.assert_allclose(out["probs"], soft(EMA_TABLE[ids]), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(out["student_probs"], soft(TABLE[ids]), rtol=1e-5, atol=1e-7)
+    p_ema = soft(EMA_TABLE[ids])
+    np.testing.assert_allclose(out["loss"], -np.log(p_ema[np.arange(len(ids)), labels]),
+                               rtol=1e-5)
+    plain = jax.device_get(jax.jit(ssl_step.make_eval_step(TableModel(), eval_ema=False))(
+        state, batch))
+    np.testing.assert_allclose(plain["probs"], soft(TABLE[ids]), rtol=1e-5, atol=1e-7)
+    assert "student_probs" not in plain
+    m = ema_and_student_metrics(out, ("a", "b", "c"))
+    acc = lambda p: float(np.mean(p.argmax(-1) == labels))  # noqa: E731
+    assert m["accuracy"] == pytest.approx(acc(soft(EMA_TABLE[ids])))
+    assert m["student/accuracy"] == pytest.approx(acc(soft(TABLE[ids])))
+    assert m["accuracy"] == 1.0 and m["student/accuracy"] < 0.9  # the planted tables differ
+    assert {"auc", "student/auc", "recall/a", "student/recall/a"} <= set(m)
+    no_ema = ssl_step.init_memory(algorithms.get("fixmatch"), ssl_step.Hyper(
+        num_classes=C_T, total_steps=20, eval_ema=False), params=state.params,
+        batch_stats=state.batch_stats, num_slots=SLOTS_T, num_unlabeled=24, feature_dim=FD)
+    assert no_ema.teacher is None  # fixmatch keeps no EMA when it is not evaluated

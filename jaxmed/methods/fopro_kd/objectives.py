@@ -2,9 +2,13 @@
 
 EKD, as the authors' Fed-MAS code (one client) computes it:
     loss = mean BSM(fc(h), y) + mean BSM(fc_p(p(h)), y) + w_kd * mean(2 - 2 cos(p(h), t)),
-w_kd = 3 (`free_u`), t the frozen teacher's feature of the same view. Optionally the KD term of
-each sample is weighted by its class's weight (`kd_class_weights`: Fed-MAS `balanced_free`, the
-DRW effective-number weights of `losses.drw_weights`), then averaged over the batch.
+w_kd = 3 (`free_u`; the step may ramp it down, `step.w_kd_at`), t the frozen teacher's feature
+of the same view. Optionally the KD term of each sample is multiplied by its class's weight
+(`kd_class_weights`: Fed-MAS `balanced_free`), then averaged over the batch: the batch mean of
+w_y kd, as Fed-MAS's `BalancedSupByolLoss(...)` followed by `.mean()` (not normalised by
+sum w_y). The weights are what the caller passes: the train step passes the DRW schedule of
+`step.kd_class_weights_at`, ones until `drw_start` (the start of epoch int(0.8 epochs)), then
+the effective-number weights, as Fed-MAS's `set_weight(round)` with betas [0, 0.9999].
 
 FPG (ours; the authors never released it). The prompt only ever changes the teacher's input:
 - discriminative: prompt + linear probe on the frozen teacher trained on the target labels
@@ -38,7 +42,8 @@ def _class_loss(logits, labels, class_counts):
 
 
 def class_weighted(kd, labels, kd_class_weights):
-    """Per-sample KD values scaled by their class's weight (None: unchanged)."""
+    """Per-sample KD values scaled by their class's weight (None: unchanged); the weights may
+    be traced (the step's DRW schedule)."""
     if kd_class_weights is None:
         return kd
     return kd * jnp.asarray(kd_class_weights, jnp.float32)[labels]

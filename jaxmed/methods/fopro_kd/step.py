@@ -8,7 +8,9 @@ state, is never donated and is never written to a checkpoint (the loop checkpoin
 
 Methods (one jitted step each, all sharing `train_step`; `Setup` holds the static choices):
   ce, balanced_softmax, ldam_drw, focal, class_balanced, logit_adjusted   student alone
-  hinton_kd     BSM(fc) + w * T^2 KL(teacher logits || student logits)
+  hinton_kd     BSM(fc) + w * T^2 KL(teacher logits || student logits)   (head-biased: losses.kd)
+  balanced_kd   BSM(fc) + w * BKD: the KL towards the teacher's softened outputs re-weighted per
+                class by the effective-number weights (losses.balanced_kd, Zhang et al. 2023)
   feature_kd    BSM(fc) + BSM(fc_p(p(h))) + w * mean (p(h) - t)^2       (FitNets-style L2)
   ekd           BSM(fc) + BSM(fc_p(p(h))) + w_kd * (2 - 2 cos(p(h), t))  (the spec's EKD)
   ekd_fpg       EKD against the teacher on the prompted view; prompt + probe learned first on
@@ -18,7 +20,15 @@ Methods (one jitted step each, all sharing `train_step`; `Setup` holds the stati
                 minimises EKD against the teacher under the updated prompt (alternating steps)
 
 Decisions: every KD method uses balanced softmax as its supervised term (as EKD), so the KD term
-is the only difference between them; LDAM-DRW uses cosine logits (normalised h and fc columns,
+is the only difference between them (BKD's paper pairs its KD term with plain CE);
+per-class weights on a supervised loss reduce as the references' torch CrossEntropyLoss(weight=w),
+sum(w_y l) / sum(w_y) over the batch (LDAM-DRW's DRW phase; class_balanced with
+cb_reduction 'weighted', Fed-MAS's CB), while the KD term's class weights (kd_class_weights,
+Fed-MAS `balanced_free`) reduce as Fed-MAS's `BalancedSupByolLoss(...).mean()`, the batch mean of
+w_y kd; DRW and the KD class weights switch from ones to the effective-number weights at the
+start of epoch int(drw_start * epochs) (`drw_start_step`: LDAM-DRW's / Fed-MAS's
+`epoch // int(0.8 * epochs)`), and `w_kd_ramp` ramps w_kd down linearly per epoch from that
+fraction of training (Fed-MAS --LRD); LDAM-DRW uses cosine logits (normalised h and fc columns,
 as the LDAM code's NormedLinear) for training and prediction, since s = 30 assumes them; the
 teacher sees the student's (augmented, ImageNet-normalised) view, resized on device if it needs
 another size; Hinton KD uses the teacher's own head when it has the data's classes, else a
@@ -29,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import flax
@@ -44,8 +55,10 @@ from jaxmed.train import sharding, steps
 from jaxmed.train.hyper import FromConfig
 
 METHODS = ("ce", "balanced_softmax", "ldam_drw", "focal", "class_balanced", "logit_adjusted",
-           "hinton_kd", "feature_kd", "ekd", "ekd_fpg", "ekd_fpg_adv")
+           "hinton_kd", "balanced_kd", "feature_kd", "ekd", "ekd_fpg", "ekd_fpg_adv")
 STUDENT_ONLY = METHODS[:6]
+LOGIT_KD = ("hinton_kd", "balanced_kd")  # distil the teacher's logits (its head or a probe)
+CB_REDUCTIONS = ("weighted", "mean")
 WITH_HEADS = ("feature_kd", "ekd", "ekd_fpg", "ekd_fpg_adv")
 PROMPTED = ("ekd_fpg", "ekd_fpg_adv")
 
@@ -78,7 +91,8 @@ class Setup(FromConfig):
     teacher_logits: str = "head"  # 'head' (own classifier) or 'probe'
     window: np.ndarray | None = None  # FPG low-frequency window (None: every frequency)
     w_kd: float = 3.0
-    kd_class_weights: np.ndarray | None = None
+    w_kd_ramp: float = 0.0  # > 0: w_kd ramps down linearly per epoch from this fraction
+    kd_class_weights: np.ndarray | None = None  # the weights from drw_start (ones before)
     w_hinton: float = 1.0
     temperature: float = 4.0
     w_feature: float = 1.0
@@ -88,7 +102,9 @@ class Setup(FromConfig):
     cb_beta: float = 0.9999
     focal_gamma: float = 2.0
     la_tau: float = 1.0
+    cb_reduction: str = "weighted"  # class_balanced: 'weighted' (torch / Fed-MAS) or 'mean' (Cui)
     fpg_penalty: float = 1.0
+    durations: Any = None  # the run's train.run.Durations (the w_kd ramp counts its epochs)
 
     @classmethod
     def from_config(cls, kd_cfg, **computed) -> "Setup":
@@ -97,11 +113,56 @@ class Setup(FromConfig):
         values: drw_start (a step, not the fraction) and kd_class_weights (not the flag)."""
         if not {"drw_start", "kd_class_weights"} <= set(computed):
             raise TypeError("Setup.from_config needs drw_start and kd_class_weights computed")
-        return super().from_config(kd_cfg, **computed)
+        setup = super().from_config(kd_cfg, **computed)
+        if setup.cb_reduction not in CB_REDUCTIONS:
+            raise ValueError(f"config.kd.cb_reduction={setup.cb_reduction!r}: one of "
+                             f"{CB_REDUCTIONS}")
+        if not 0.0 <= setup.w_kd_ramp < 1.0:
+            raise ValueError(f"config.kd.w_kd_ramp={setup.w_kd_ramp}: 0 (off) or the fraction "
+                             "of training in (0, 1) where w_kd starts ramping down")
+        if setup.w_kd_ramp > 0 and setup.durations is None:
+            raise TypeError("Setup.from_config: config.kd.w_kd_ramp needs durations computed")
+        return setup
 
     @property
     def needs_teacher(self) -> bool:
         return self.method not in STUDENT_ONLY
+
+
+def drw_start_step(d, fraction: float) -> int:
+    """The step where DRW (and the KD class weights) switch on: the start of epoch
+    int(fraction * epochs), as LDAM-DRW (`epoch // 160` of 200) and Fed-MAS (`epoch //
+    int(0.8 * epochs)`) do, i.e. the last epoch boundary at or before that fraction of
+    training (9 epochs: epoch 7, not step int(0.8 * total)); capped at the total (1.0:
+    never). `d`: the run's Durations (a fractional epoch count when train.steps is set)."""
+    spe = max(d.steps_per_epoch, 1)
+    epoch = int(math.floor(round(fraction * d.total / spe, 9)))
+    return min(epoch * spe, d.total)
+
+
+def kd_class_weights_at(setup: Setup, step):
+    """The KD term's per-class weights at `step` (traced): ones before `drw_start`, then
+    `setup.kd_class_weights` (Fed-MAS `balanced_free`: BalancedSupByolLoss.set_weight's
+    betas [0, 0.9999] switched at int(0.8 * epochs)); None when the option is off."""
+    if setup.kd_class_weights is None:
+        return None
+    w = jnp.asarray(setup.kd_class_weights, jnp.float32)
+    return jnp.where(jnp.asarray(step) >= setup.drw_start, w, jnp.ones_like(w))
+
+
+def w_kd_at(setup: Setup, step):
+    """EKD's w_kd at `step`: constant, or with `w_kd_ramp` = f > 0 Fed-MAS's linear ramp-down
+    (--LRD, start_free_rd): w_kd * (1 - (e - e0) / (E - e0)) in epoch e >= e0 = int(f E) of
+    E epochs, w_kd before; one value per epoch, as Fed-MAS sets it per round."""
+    if not setup.w_kd_ramp:
+        return setup.w_kd
+    d = setup.durations
+    spe = max(d.steps_per_epoch, 1)
+    epochs = d.total / spe
+    start = drw_start_step(d, setup.w_kd_ramp) // spe
+    epoch = jnp.asarray(step) // spe
+    down = jnp.clip((epoch - start) / max(epochs - start, 1e-9), 0.0, 1.0)
+    return setup.w_kd * (1.0 - down)
 
 
 # ------------------------------------------------------------------------------- forwards
@@ -125,12 +186,11 @@ def _features_only(model, size, variables, images):
 
 
 def cosine_logits(h, backbone_params):
-    """LDAM's NormedLinear on the backbone's own classifier: normalise h and each class column."""
+    """LDAM's NormedLinear on the backbone's own classifier: normalise h and each class column
+    as torch's F.normalize (finite gradients on an all-zero row: `losses.l2_normalize`)."""
     head = backbone_params["fc"] if "fc" in backbone_params else backbone_params["head"]
     w = head["kernel"].astype(jnp.float32)
-    hn = h / jnp.maximum(jnp.linalg.norm(h, axis=-1, keepdims=True), 1e-12)
-    wn = w / jnp.maximum(jnp.linalg.norm(w, axis=0, keepdims=True), 1e-12)
-    return hn @ wn
+    return losses.l2_normalize(h, axis=-1) @ losses.l2_normalize(w, axis=0)
 
 
 def student_apply(setup: Setup, params, batch_stats, images, train: bool):
@@ -155,13 +215,20 @@ def student_apply(setup: Setup, params, batch_stats, images, train: bool):
 
 
 # ---------------------------------------------------------------------------------- losses
-def per_sample_loss(setup: Setup, out, labels, step, t_feats=None, t_logits=None):
-    """(per-sample loss (B,), {part: per-sample values}) of `setup.method`."""
+def per_sample_loss(setup: Setup, out, labels, step, t_feats=None, t_logits=None, valid=None):
+    """(per-sample loss (B,), {part: per-sample values}) of `setup.method`, whose mean over
+    the `valid` rows (all when None) is the method's batch loss: a supervised term weighted
+    per class is scaled by `losses.normalised_sample_weights` so that mean is the reference's
+    sum(w_y l) / sum(w_y)."""
     m, counts, logits = setup.method, setup.class_counts, out["logits"]
     if m == "ldam_drw":
         w = losses.drw_weights(counts, step, setup.drw_start, setup.cb_beta)
-        sup = losses.ldam(logits, labels, counts, setup.ldam_max_margin, setup.ldam_scale,
-                          weights=w)
+        sup = losses.ldam(logits, labels, counts, setup.ldam_max_margin, setup.ldam_scale)
+        sup = sup * losses.normalised_sample_weights(w, labels, valid)
+    elif m == "class_balanced" and setup.cb_reduction == "weighted":
+        w = losses.class_balanced_weights(counts, setup.cb_beta)
+        sup = losses.cross_entropy(logits, labels) * losses.normalised_sample_weights(
+            w, labels, valid)
     else:  # the named loss; balanced softmax for it and under every KD method
         name = m if m in ("ce", "focal", "class_balanced", "logit_adjusted") else "balanced_softmax"
         sup = losses.classification_loss(name, logits, labels, class_counts=counts,
@@ -169,15 +236,18 @@ def per_sample_loss(setup: Setup, out, labels, step, t_feats=None, t_logits=None
                                          la_tau=setup.la_tau)
     parts = {"loss_sup": sup}
     loss = sup
-    if m == "hinton_kd":
-        kd = losses.kd(logits, jax.lax.stop_gradient(t_logits), setup.temperature)
+    if m in LOGIT_KD:
+        t = jax.lax.stop_gradient(t_logits)
+        kd = (losses.kd(logits, t, setup.temperature) if m == "hinton_kd" else
+              losses.balanced_kd(logits, t, losses.class_balanced_weights(counts, setup.cb_beta),
+                                 setup.temperature))
         parts["loss_kd"] = kd
         loss = loss + setup.w_hinton * kd
     if m in WITH_HEADS:
         sup_p, kd = objectives.projector_terms(
             out["proj"], out["proj_logits"], labels, t_feats, counts, l2=m == "feature_kd",
-            kd_class_weights=setup.kd_class_weights)
-        w = setup.w_feature if m == "feature_kd" else setup.w_kd
+            kd_class_weights=kd_class_weights_at(setup, step))
+        w = setup.w_feature if m == "feature_kd" else w_kd_at(setup, step)
         parts.update(loss_sup_proj=sup_p, loss_kd=kd)
         loss = loss + sup_p + w * kd
     return loss, parts
@@ -205,7 +275,7 @@ def train_step(state: KDState, teacher, batch, *, setup: Setup):
                 params["prompt"], tvars, out["proj"], {"image": images, "label": labels},
                 teacher_apply=teacher_features_fn(setup.teacher_net, setup.teacher_size),
                 penalty=setup.fpg_penalty, window=setup.window,
-                kd_class_weights=setup.kd_class_weights)
+                kd_class_weights=kd_class_weights_at(setup, state.step))
             upd, opt_state["prompt"] = setup.prompt_tx.update(pgrad, opt_state["prompt"],
                                                               params["prompt"])
             params["prompt"] = optax.apply_updates(params["prompt"], upd)
@@ -220,7 +290,7 @@ def train_step(state: KDState, teacher, batch, *, setup: Setup):
             t_logits = t_feats @ probe["kernel"] + probe["bias"]
 
     def loss_of_outputs(o):
-        per, parts = per_sample_loss(setup, o, labels, state.step, t_feats, t_logits)
+        per, parts = per_sample_loss(setup, o, labels, state.step, t_feats, t_logits, valid)
         return losses.weighted_mean(per, valid), {k: losses.weighted_mean(v, valid)
                                                   for k, v in parts.items()}
 

@@ -44,6 +44,7 @@ from jaxmed.methods.htl.run import MASK_TASKS
 from jaxmed.methods.tear import algorithms
 from jaxmed.stacking import check_axis
 from jaxmed.train import comparison
+from jaxmed.train import run as train_run
 from jaxmed.train import workdir as workdir_lib
 
 TASKS = ("classification", "segmentation", "semi_supervised", "weak_localization")
@@ -86,6 +87,9 @@ def default_config() -> ml_collections.ConfigDict:
     # drive the comparison, so TEAR's own methods / seeds keys are left out
     c.ssl = ml_collections.ConfigDict({k: v for k, v in tear.default_config().ssl.items()
                                        if k not in ("methods", "seeds")})
+    # HTL identifies among the unlabeled images: the unlabeled stream holds them alone (USB's
+    # include_lb_to_ulb is TEAR's default, not HTL's)
+    c.ssl.include_labeled_in_unlabeled = False
     c.model.name = "unet_resnet18"
     return c
 
@@ -104,6 +108,7 @@ def check_config(config) -> None:
         raise ValueError(f"config.htl.sparsities={sp!r} must be a tuple of fractions in (0, 1)")
     if h.every_epochs < 1:
         raise ValueError(f"config.htl.every_epochs={h.every_epochs} must be >= 1")
+    check_cadence(config)
     if not 0 <= h.top_q <= 1:
         raise ValueError(f"config.htl.top_q={h.top_q} must be 0 (disagreeing samples) or in "
                          "(0, 1]")
@@ -126,6 +131,53 @@ def check_config(config) -> None:
             and not config.data.synthetic.with_mask):
         raise ValueError(f"htl.task={h.task!r} needs masks: set "
                          "config.data.synthetic.with_mask=True")
+
+
+def check_cadence(config) -> None:
+    """The first identification (after `htl.every_epochs` epochs) must come before the run's
+    last step, else every HTL method trains as the baseline. With `train.steps` the length of an
+    epoch decides: known for synthetic data, else at least one step (refused where no data
+    could identify in time)."""
+    h, t = config.htl, config.train
+    attending = [m for m in h.methods if run.ATTENTION[m] is not None]
+    if not attending:
+        return
+    k = h.every_epochs
+    outcome = (f"no identification would happen and {', '.join(attending)} would train as the "
+               "baseline")
+    if t.steps <= 0:
+        if k >= max(t.epochs, 1):
+            raise ValueError(f"config.htl.every_epochs={k} is not below config.train.epochs="
+                             f"{t.epochs}: the first identification, after {k} epochs, would "
+                             f"come at the run's end or later, so {outcome}; lower "
+                             "htl.every_epochs or raise train.epochs")
+        return
+    spe = _synthetic_steps_per_epoch(config)
+    every = train_run.Durations(spe or 1, t.steps).epochs(k)
+    if every >= t.steps:
+        length = (f"{every} steps at {spe} steps per epoch" if spe
+                  else f"at least {every} steps: an epoch is one step at least")
+        raise ValueError(f"config.htl.every_epochs={k} ({length}) is not before the run's end "
+                         f"at config.train.steps={t.steps}: {outcome}; lower htl.every_epochs "
+                         "or raise train.steps")
+
+
+def _synthetic_steps_per_epoch(config) -> int | None:
+    """Steps per epoch of a synthetic run, which the config fixes (None: only the data knows).
+    Semi-supervised: a pass over TEAR's unlabeled stream (with the labeled images when
+    `ssl.include_labeled_in_unlabeled`, as `tear.run.unlabeled_stream_source`), mu B images per
+    step (TEAR's epoch)."""
+    d, b = config.data, config.train.batch_size
+    if d.name != "synthetic" or b <= 0:
+        return None
+    n = d.synthetic.num_train
+    if config.htl.task == "semi_supervised":
+        s = config.ssl
+        if s.num_labeled <= 0 or s.mu < 1:
+            return None
+        drawn = n if s.get("include_labeled_in_unlabeled", False) else n - s.num_labeled
+        return max(drawn // (s.mu * b), 1)
+    return n // b or None
 
 
 def check_semi_supervised(config) -> None:

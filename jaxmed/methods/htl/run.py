@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmed import data as data_lib
+from jaxmed.config_check import ConfigKeyError
 from jaxmed.data.pipeline import Preprocess, eval_batches, weighted_train_stream
 from jaxmed.data.sources import record_indices
 from jaxmed.methods.htl import attention, identify, step
@@ -168,6 +169,13 @@ def attend(run: train_run.Run, config, method: str, workdir: str
     if ATTENTION[method] is None:
         return run, None
     h, x = config.htl, run.extras
+    d = run.durations
+    if d.epochs(h.every_epochs) >= d.total:  # check_config refuses what the config shows
+        raise ConfigKeyError(
+            f"config.htl.every_epochs={h.every_epochs} ({d.epochs(h.every_epochs)} steps at "
+            f"{d.steps_per_epoch} steps per epoch) is not before the run's end at step "
+            f"{d.total} (config.train.steps / epochs): no identification would happen and "
+            f"{method} would train as the baseline; lower htl.every_epochs")
     ident_bs = h.identify_batch_size or config.train.eval_batch_size
     sharding.check_global_batch(ident_bs, run.mesh, key="eval_batch_size")
     identify_fn = identify.make_identify_fn(

@@ -24,8 +24,10 @@ import logging
 
 import ml_collections
 
+from jaxmed.data import synthetic
 from jaxmed.methods import supervised
 from jaxmed.methods.tear import algorithms, report, run
+from jaxmed.methods.tear import data as ssl_data
 from jaxmed.methods.tear.adapl import DISTANCES
 from jaxmed.methods.tear.run import build_ssl_run
 from jaxmed.methods.tear.step import Hyper, SSLState, make_ssl_step
@@ -59,7 +61,11 @@ def default_config() -> ml_collections.ConfigDict:
         strong_on_device=False,  # True: the strong view's augmentation runs in the step
         cutout=16,  # device strong view's cutout size
         ema_p=0.999,  # FreeMatch / SoftMatch EMAs (USB)
-        teacher_momentum=0.999,  # EMA teacher (spec)
+        teacher_momentum=0.999,  # EMA teacher (spec) = the evaluated EMA's momentum (USB ema_m)
+        eval_ema=True,  # evaluate the EMA model of the student (USB); the raw student beside it
+        # as test/student/...
+        include_labeled_in_unlabeled=True,  # the unlabeled stream also draws the labeled
+        # images (USB's include_lb_to_ulb)
         da_length=32,
         adapl_weight=0.1, adapl_distance="kl", adapl_gamma=2.0, adapl_form="rising",
         adapl_entropy=False, adapl_memory=True, adapl_memory_momentum=0.9,
@@ -92,6 +98,24 @@ def check_config(config) -> None:
                          "single-label data")
     if config.pruning.criterion != "none":
         raise ValueError("config.pruning.criterion: the semi-supervised trainer trains dense")
+    check_synthetic_split(config)
+
+
+def check_synthetic_split(config) -> None:
+    """`ssl.num_labeled` against a synthetic train split, which the config fixes (other data:
+    once read, in `data.from_num_labeled`)."""
+    d, n = config.data, config.ssl.num_labeled
+    if n <= 0 or d.name != "synthetic":
+        return
+    syn = d.synthetic
+    if syn.num_train <= 0 or not syn.imbalance > 0:  # the data's own checks name these
+        return
+    counts = synthetic.class_counts(syn.num_train, syn.num_classes, syn.imbalance)
+    names = [f"class_{k}" for k in range(syn.num_classes)]
+    where = "the synthetic train split (config.data.synthetic.num_train)"
+    ssl_data.check_every_class(counts, names, key=f"config.ssl.num_labeled={n}", where=where)
+    unlabeled = any(algorithms.get(m).unlabeled for m in config.ssl.methods)
+    ssl_data.check_num_labeled(n, counts, where, **ssl_data.batches(config, unlabeled))
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

@@ -23,6 +23,14 @@ runs a second, stop-gradient forward on [labeled weak | unlabeled weak]; decisio
 mode (batch statistics, which it then discards) as USB does, because the running statistics it
 copies lag behind early in training.
 
+Evaluation (`make_eval_step`, config.ssl.eval_ema, default on): USB's convention, the EMA model
+of the student for every algorithm (USB's EMAHook / `ema_model`: params theta_ema <- m theta_ema
++ (1 - m) theta after each step, m = ema_m 0.999, buffers (BN statistics) copied from the
+student). It is the `EmaTeacher` of `teacher.py`, with momentum `teacher_momentum`: one EMA per
+run, as in USB, where mean teacher's teacher is that same `ema_model`; an algorithm without a
+teacher keeps one for evaluation only (its forward is never run in training). The raw student
+is evaluated beside it (`student_probs`, metrics `student/...`).
+
 Memories (FlexMatch's per-sample status, AdaPL's temporal estimate, the weights) are indexed
 by the stable record index and live in the state, so they are donated, checkpointed and
 restored with it. Decision: they are replicated, not sharded on `data`: the rows of a global
@@ -53,6 +61,7 @@ from jaxmed.methods.tear.algorithms import Algorithm
 from jaxmed.methods.tear.teacher import EmaTeacher, ema_teacher_update
 from jaxmed.train.hyper import FromConfig
 from jaxmed.train.state import TrainState
+from jaxmed.train import steps as steps_lib
 from jaxmed.train.steps import forward
 
 
@@ -73,6 +82,7 @@ class Hyper(FromConfig):
     adapl_memory_momentum: float = 0.9
     iph_weight: float = 0.1  # spec
     iph_iters: int = 3
+    eval_ema: bool = True  # keep the student's EMA (teacher_momentum) and evaluate it (USB)
     compute_dtype: Any = jnp.float32
 
 
@@ -96,11 +106,15 @@ class SSLState(TrainState):
 
 def init_memory(alg: Algorithm, hp: Hyper, *, params, batch_stats, num_slots: int,
                 num_unlabeled: int, feature_dim: int) -> SSLMemory:
+    """The algorithm's memories; `num_unlabeled`: the records of the unlabeled stream
+    (FlexMatch's USB ulb_dest_len, the labeled ones included when they are in it). With
+    `hp.eval_ema` every algorithm, supervised-only included, keeps the EMA of the student."""
+    ema = EmaTeacher.init(params, batch_stats) if alg.teacher or hp.eval_ema else None
     if not alg.unlabeled:
-        return SSLMemory()
+        return SSLMemory(teacher=ema)
     c = hp.num_classes
     return SSLMemory(
-        teacher=EmaTeacher.init(params, batch_stats) if alg.teacher else None,
+        teacher=ema,
         da=pl_lib.DAQueue.init(c, hp.da_length) if alg.da == "queue" else None,
         uniform=pl_lib.UniformAlignState.init(c) if alg.da == "uniform" else None,
         flex=th_lib.FlexMatchState.init(num_slots, num_unlabeled) if alg.mask == "flex" else None,
@@ -289,5 +303,31 @@ def make_ssl_step(model, tx, alg: Algorithm, hp: Hyper, *, unlabeled_labels=None
         out.update(loss=loss, grad_norm=optax.tree.norm(grads),
                    param_norm=optax.tree.norm(state.params))
         return state, out
+
+    return step
+
+
+def ema_view(state: SSLState) -> SSLState:
+    """`state` with the EMA model's params and BN statistics in place of the student's (the
+    statistics are the student's, copied at each update: USB's `ema_model`)."""
+    t = state.ssl.teacher
+    if t is None:
+        raise ValueError("the SSL state keeps no EMA of the student (config.ssl.eval_ema)")
+    return state.replace(params=t.params, batch_stats=t.batch_stats)
+
+
+def make_eval_step(model, *, compute_dtype=jnp.float32, eval_ema: bool = True):
+    """(state, batch) -> per-sample `probs`, `loss`, `label` of the model evaluated: the EMA
+    model with `eval_ema` (then also `student_probs`, `student_loss` of the raw student, from
+    the same batch), else the student."""
+    plain = steps_lib.make_eval_step(model, multi_label=False, compute_dtype=compute_dtype)
+    if not eval_ema:
+        return plain
+
+    def step(state: SSLState, batch: dict):
+        out = plain(ema_view(state), batch)
+        student = plain(state, batch)
+        out.update(student_probs=student["probs"], student_loss=student["loss"])
+        return out
 
     return step

@@ -96,8 +96,11 @@ class FreeMatchState:
 
     @classmethod
     def init(cls, num_classes: int) -> "FreeMatchState":
-        """The paper's tau_0 = p~_0 = h~_0 = 1/C. (USB's code starts them at 1, so its
-        global threshold decays from 1 instead of rising from 1/C.)"""
+        """tau_0 = p~_0 = h~_0 = 1/C: the paper's init and USB's since April 2023 (commit
+        9a24e00, 2023-04-16: p_model = label_hist = ones / C, time_p = p_model.mean(); from
+        2023-02-09 to then USB started p_model and label_hist at 1, so time_p at 1). The
+        global threshold therefore rises from 1/C: early in training FreeMatch admits almost
+        every unlabeled sample, before the model is confident."""
         u = lambda: jnp.full((num_classes,), 1.0 / num_classes, jnp.float32)  # noqa: E731
         # two buffers: a donated state must not hold one buffer twice
         return cls(time_p=jnp.asarray(1.0 / num_classes, jnp.float32), p_model=u(),
