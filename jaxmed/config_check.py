@@ -15,6 +15,10 @@ class UserError(Exception):
     names it: `jaxmed` prints the message in one line and exits 2 instead of a traceback."""
 
 
+class InputError(ValueError, UserError):
+    """A data file, workdir file or value that cannot be used, found once a run started."""
+
+
 class ConfigKeyError(KeyError, UserError):
     def __str__(self) -> str:  # KeyError quotes its message; print it plainly
         return str(self.args[0])

@@ -2,7 +2,9 @@
 optimizer state and checkpoint, every method compiles once, teachers load from a jaxmed workdir
 and a PyTorch file, Hyper-Kvasir and the ISIC 2019 long-tailed splits read right, head / medium
 / tail accuracy matches a numpy reference, and the :tiny comparison writes its table and runs
-only a new method's sub-run when one is added."""
+only a new method's sub-run when one is added. Teachers of either channel count serve students
+of either; class names, teacher identity, the files read back and the probe stage's NaN guard
+are checked (issues 22 and 24)."""
 
 import csv
 import os
@@ -27,6 +29,10 @@ SAMPLES = "/work/shared/samples"
 SPLITS = "/work/shared/splits/fopro_kd"
 
 
+# the frozen teacher's (logits, features), compiled once per teacher model (eager is slower)
+teacher_outputs = jax.jit(step.teacher_outputs, static_argnums=(0, 1))
+
+
 def tiny_config(**kd):
     c = sibling(os.path.join(REPO, "configs", "fopro_kd", "quick.py"), "quick").get_config("tiny")
     c.kd.update(kd)
@@ -45,12 +51,45 @@ def env(tmp_path_factory):
             "mesh": sharding.make_mesh()}
 
 
-def _batches(env, n):
+@pytest.fixture(scope="module")
+def gray_teacher(tmp_path_factory):
+    """A 1-channel teacher workdir: the tiny teacher stage on the synthetic images decoded
+    grayscale (config.data.channels=1), as a teacher trained on a grayscale MedMNIST file."""
+    config = tiny_config()
+    config.data.channels = 1
+    return teachers.train_teacher_stage(config, str(tmp_path_factory.mktemp("gray")))
+
+
+@pytest.fixture(scope="module")
+def torch_r18(tmp_path_factory):
+    """A torchvision-layout ResNet-18 with a 4-class head (the tiny data's count) in a .pth."""
+    torch = pytest.importorskip("torch")
+    from tests.torch_reference import BasicBlock, ResNet, randomize_bn
+
+    torch.manual_seed(0)
+    net = randomize_bn(ResNet(BasicBlock, [2, 2, 2, 2], 4)).eval()
+    path = str(tmp_path_factory.mktemp("r18") / "r18.pth")
+    torch.save({"state_dict": net.state_dict()}, path)
+    return net, path
+
+
+def _batches(env, n, channels=3):
     from jaxmed.data.pipeline import Preprocess, train_stream
     c = env["config"]
     stream = train_stream(env["ds"]["train"], global_batch=c.train.batch_size,
-                          preprocess=Preprocess(16, 3, "flip", 0), seed=0, num_epochs=1)
+                          preprocess=Preprocess(16, channels, "flip", 0), seed=0, num_epochs=1)
     return [sharding.to_global(next(stream), env["mesh"]) for _ in range(n)]
+
+
+def _test_images(env, n=4):
+    """n unaugmented test images as uint8 RGB and as jaxmed decodes them grayscale (PIL 'L')."""
+    from PIL import Image
+
+    from jaxmed.data.pipeline import Preprocess
+    src = env["ds"]["test"]
+    rgb = np.stack([Preprocess(16, 3, "", 0)(i, src[i])["image"] for i in range(n)])
+    gray = np.stack([np.asarray(Image.fromarray(x).convert("L"))[..., None] for x in rgb])
+    return rgb, gray
 
 
 def test_teacher_from_workdir_is_the_trained_model(env):
@@ -122,26 +161,77 @@ def test_ekd_step_loss_is_the_reference_ekd_loss():
         losses.cosine_kd(out["proj"], t)), rtol=1e-5, atol=1e-6)
 
 
-def test_teacher_from_torch_file_matches_torch(tmp_path):
-    torch = pytest.importorskip("torch")
-    from tests.torch_reference import BasicBlock, ResNet, randomize_bn
+def test_teacher_from_torch_file_matches_torch(torch_r18):
+    """Features and logits as torch's: the .pth's own 4-class head is kept (not replaced by a
+    random 1000-class one), and on 1-channel data the RGB teacher sees the gray image repeated
+    and ImageNet-normalised per channel, as torchvision teachers on X-rays are fed."""
+    import torch
 
-    net = randomize_bn(ResNet(BasicBlock, [2, 2, 2, 2], 10)).eval()
-    path = str(tmp_path / "r18.pth")
-    torch.save({"state_dict": net.state_dict()}, path)
+    from jaxmed.data import augment
+
+    net, path = torch_r18
     teacher = teachers.from_torch(path, "resnet18", 32)
     x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
-    with torch.no_grad():
-        h = torch.from_numpy(x.transpose(0, 3, 1, 2))
-        h = torch.nn.functional.max_pool2d(torch.relu(net.bn1(net.conv1(h))), 3, 2, 1)
-        for i in range(4):
-            h = getattr(net, f"layer{i + 1}")(h)
-        want = h.mean((2, 3)).numpy()
-    _, got = step.teacher_outputs(teacher.model, 32, teacher.variables, jnp.asarray(x))
-    assert teacher.feature_dim == 512
+
+    def torch_out(x):
+        with torch.no_grad():
+            h = torch.from_numpy(x.transpose(0, 3, 1, 2))
+            h = torch.nn.functional.max_pool2d(torch.relu(net.bn1(net.conv1(h))), 3, 2, 1)
+            for i in range(4):
+                h = getattr(net, f"layer{i + 1}")(h)
+            return net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy(), h.mean((2, 3)).numpy()
+
+    want_logits, want = torch_out(x)
+    logits, got = teacher_outputs(teacher.model, 32, teacher.variables, jnp.asarray(x))
+    assert teacher.feature_dim == 512 and teacher.channels == 3
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)
+    assert teacher.num_classes == 4  # its own head: the same logits as torch
+    np.testing.assert_allclose(np.asarray(logits), want_logits, atol=1e-4, rtol=1e-4)
+    # a 1-channel student: gray uint8 -> the student's normalisation -> the teacher's own view
+    gray = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 1)).astype(np.uint8)
+    on_gray = teacher.for_channels(1)
+    assert on_gray.channels == 3 and teacher.for_channels(3) is teacher
+    logits1, got1 = teacher_outputs(on_gray.model, 32, on_gray.variables,
+                                         augment.normalize(gray))
+    ref_logits, ref = torch_out(np.array(augment.normalize(np.repeat(gray, 3, -1))))
+    np.testing.assert_allclose(np.asarray(got1), ref, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(logits1), ref_logits, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="teacher_model"):
         teachers.from_torch(path, "resnet99", 32)
+    with pytest.raises(ValueError, match=r"config.kd.teacher_classes has 3 names.*4 outputs"):
+        teachers.from_torch(path, "resnet18", 32, class_names=("a", "b", "c"))
+
+
+def test_gray_teacher_serves_gray_and_rgb_students(env, gray_teacher):
+    """A 1-channel teacher workdir (issue 24: conv1 probed with 3 channels crashed) takes its
+    channels, image size and class names from its workdir, and serves a 1-channel student (its
+    own view) and a 3-channel one (the luminance jaxmed's decoder would give it); the RGB
+    teacher serves a 1-channel student with the gray image repeated."""
+    from jaxmed.data import augment
+
+    t = teachers.from_workdir(gray_teacher)
+    assert (t.channels, t.image_size, t.num_classes) == (1, 16, 4)
+    assert t.class_names == ("class_0", "class_1", "class_2", "class_3")
+    rgb, gray = _test_images(env)
+    own = np.asarray(teacher_outputs(t.model, 16, t.variables, augment.normalize(gray))[1])
+    on_gray = t.for_channels(1)
+    assert on_gray is t
+    on_rgb = t.for_channels(3)
+    # the adapted view is the one its own pipeline gives (up to PIL's rounding to uint8)
+    np.testing.assert_allclose(np.asarray(on_rgb.model.adapt(augment.normalize(rgb))),
+                               np.asarray(augment.normalize(gray)), atol=0.51 / 255 / 0.226)
+    got = np.asarray(teacher_outputs(on_rgb.model, 16, on_rgb.variables,
+                                          augment.normalize(rgb))[1])
+    np.testing.assert_allclose(got, own, atol=0.05 * np.abs(own).max())
+    # the 3-channel teacher on a gray student: exactly its view of the gray image repeated
+    rgb_teacher = env["teacher"].for_channels(1)
+    np.testing.assert_allclose(np.asarray(rgb_teacher.model.adapt(augment.normalize(gray))),
+                               np.asarray(augment.normalize(np.repeat(gray, 3, -1))), atol=1e-6)
+    # a distillation step of the 3-channel student on the 1-channel teacher's own head
+    built = run.build_method(tiny_config(), "hinton_kd", 0, env["ds"], on_rgb, env["mesh"])
+    assert built.setup.teacher_logits == "head" and hash(on_rgb.model)  # a static jit argument
+    _, m = built.train_step(built.state, built.teacher, _batches(env, 1)[0])
+    assert np.isfinite(float(m["loss"])) and float(m["loss_kd"]) > 0
 
 
 def test_head_medium_tail_accuracy_matches_numpy_reference():
@@ -187,6 +277,7 @@ def test_hyper_kvasir_csv_and_folder_tree(tmp_path):
         w.writerows(rows)
     cfg = data_lib.default_config()
     cfg.name, cfg.root, cfg.val_fraction, cfg.test_fraction = "hyper_kvasir", str(tmp_path), .2, .2
+    cfg.num_classes = 23  # 10 images: a class may fall in val / test only (stated, accepted)
     ds = data_lib.build(cfg)
     assert ds.info.num_classes == 23
     n = sum(len(ds[s]) for s in ("train", "val", "test"))
@@ -241,6 +332,7 @@ def test_isic2019_long_tailed_split_reads_finding(tmp_path):
     cfg = data_lib.default_config()
     cfg.name, cfg.root, cfg.split_file = "isic2019", str(tmp_path / "images"), str(
         d / "train_skin1_0.002.csv")
+    cfg.num_classes = 8  # a few sample rows: some classes only in val / test (stated)
     ds = data_lib.build(cfg)
     assert ds.info.class_names == FOPRO_CLASSES
     for path, y in zip(ds["train"].files, ds["train"].labels):
@@ -368,3 +460,233 @@ def test_student_losses_take_the_setups_hyperparameters():
         setup = step.Setup(**{**kw, "method": method})
         _, parts = step.per_sample_loss(setup, {"logits": logits}, labels, 0)
         np.testing.assert_allclose(parts["loss_sup"], ref, rtol=1e-6, err_msg=method)
+
+
+def test_probe_stage_stops_on_nan_and_writes_atomically(env, tmp_path, monkeypatch):
+    """Issue 24: a huge kd.fpg.lr saved an all-NaN prompt that every resume reused. Now the
+    stage stops naming itself, the step and the file, and saves nothing; and a kill during the
+    write leaves no stage file (tmp + os.replace)."""
+    config = tiny_config()
+    config.kd.fpg.lr = 1e38  # the probe overflows at step 1, its loss is NaN at step 2
+    built = run.build_method(config, "ekd_fpg", 0, env["ds"], env["teacher"], env["mesh"])
+    d = str(tmp_path / "nan")
+    with pytest.raises(FloatingPointError, match=r"Fourier-prompt stage \(prompt \+ probe\).*"
+                       r"non-finite .* at step [12] of 2.*nothing saved.*fpg_stage.npz"):
+        run.fit_probe_stage(config, built, env["ds"], 0, env["mesh"], True, d)
+    assert not os.path.exists(os.path.join(d, "fpg_stage.npz"))
+
+    config = tiny_config()
+    built = run.build_method(config, "hinton_kd", 0, env["ds"], env["teacher"], env["mesh"])
+    d = str(tmp_path / "killed")
+
+    def killed_mid_write(file, **arrays):
+        file.write(b"PK\x03\x04 half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        run.fit_probe_stage(config, built, env["ds"], 0, env["mesh"], False, d)
+    assert os.listdir(d) == []  # neither a half stage file nor a leftover temporary one
+
+
+def test_files_read_back_from_a_workdir_are_checked(env, tmp_path, monkeypatch):
+    """Every file FoPro-KD reads back (the stage file, prompt.npz, the teacher workdir's
+    config.json and checkpoint) is checked: an error names the file and what to delete (not a
+    bare zipfile.BadZipFile / orbax traceback)."""
+    import shutil
+
+    from jaxmed.methods.fopro_kd import report
+
+    config = tiny_config()
+    built = run.build_method(config, "ekd_fpg", 0, env["ds"], env["teacher"], env["mesh"])
+    d = tmp_path / "run"
+    d.mkdir()
+    stage = d / "fpg_stage.npz"
+
+    def probe():
+        run.fit_probe_stage(config, built, env["ds"], 0, env["mesh"], True, str(d))
+
+    stage.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match=rf"{stage} is unreadable .*delete it to redo the "
+                       "Fourier-prompt stage"):
+        probe()
+    good = {"kernel": np.zeros((16, 4), np.float32), "bias": np.zeros(4, np.float32),
+            "log_mask": np.zeros((16, 9, 3), np.float32)}
+    np.savez(stage, **{**good, "log_mask": np.full((16, 9, 3), np.nan, np.float32)})
+    with pytest.raises(ValueError, match=rf"{stage} holds non-finite values \(log_mask\).*delete"):
+        probe()
+    np.savez(stage, **{**good, "kernel": np.zeros((8, 4), np.float32)})
+    with pytest.raises(ValueError, match=rf"{stage}: kernel has shape \(8, 4\), not \(16, 4\).*"
+                       "delete"):
+        probe()
+    np.savez(stage, **good)
+    probe()  # a good one is read back
+
+    wd = tmp_path / "cmp"
+    prompt = wd / "runs" / "ekd_fpg" / "seed_0" / "prompt.npz"
+    prompt.parent.mkdir(parents=True)
+    prompt.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=rf"{prompt} is unreadable .*delete it and "
+                       rf"{prompt.parent}/result.json"):
+        report.prompt_figure(str(tmp_path / "p.png"), str(wd), ["ekd_fpg"], config, env["ds"])
+
+    t = tmp_path / "teacher"
+    shutil.copytree(env["teacher"].source, t)
+    (t / "result.json").write_text('{"test/accuracy": 0.9')
+    with pytest.raises(ValueError, match=rf"{t}/result.json is unreadable .*delete it"):
+        seen = _stub_comparison(monkeypatch)  # found before any run starts
+        fopro_kd.train_and_evaluate(tiny_config(teacher=str(t), methods=("ekd",)),
+                                    str(tmp_path / "cmp2"))
+    assert not seen
+    ck = t / "checkpoints"
+    for f in ck.rglob("*"):
+        if f.is_file() and "state" in f.parts and f.stat().st_size > 200:
+            f.write_bytes(f.read_bytes()[:20])
+    with pytest.raises(ValueError, match=rf"teacher workdir {t}: its checkpoint {ck}/\d+ is "
+                       "unreadable.*delete"):
+        teachers.from_workdir(str(t))
+    (t / "config.json").write_text('{"model": ')
+    c = tiny_config(teacher=str(t), methods=("ekd",))
+    with pytest.raises(ValueError, match=rf"{t}/config.json is unreadable"):
+        fopro_kd.check_config(c)
+
+
+def test_teacher_path_errors_are_one_line_config_errors(tmp_path):
+    """A teacher path that is missing, a folder that is not a jaxmed workdir, a workdir without
+    a checkpoint: one line from check_config (main turns it into 'config error', exit 2)."""
+    from jaxmed import main
+    from jaxmed.config_check import ConfigKeyError
+
+    cases = [(str(tmp_path / "nope"), "does not exist"),
+             (str(tmp_path), "not a jaxmed workdir: no config.json")]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text('{"model": {"name": "resnet8"}}')
+    cases.append((str(tmp_path / "run"), "holds no checkpoint"))
+    for path, msg in cases:
+        c = tiny_config(teacher=path, methods=("ekd",), teacher_model="resnet18")
+        with pytest.raises(ConfigKeyError, match=rf"config.kd.teacher={path!r}.*{msg}") as e:
+            main.validate(c)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="config.kd.teacher_classes"):
+        fopro_kd.check_config(tiny_config(teacher_classes=("a", "a")))
+
+
+def _stub_comparison(monkeypatch):
+    """train_and_evaluate with each sub-run a stub (no training, no report): `seen['teacher']`
+    is the teacher it hands the runs."""
+    seen = {}
+
+    def run_one(method, seed, run_workdir, sub, *, teacher_model, **kw):
+        seen["teacher"] = teacher_model
+        return {"test/tail_acc": 0.5}
+
+    monkeypatch.setattr(run, "run_one", run_one)
+    monkeypatch.setattr(fopro_kd.report, "write_report", lambda *a, **k: {})
+    return seen
+
+
+def test_teacher_class_names_and_identity_are_checked(env, gray_teacher, torch_r18, tmp_path,
+                                                      monkeypatch):
+    """Issue 22: a teacher whose head has the data's class count but other or swapped classes
+    is refused naming them (a PyTorch teacher states them in config.kd.teacher_classes; a
+    jaxmed workdir's come from its data). Issue 24: the teacher's identity is recorded in the
+    comparison (teacher.json) and a teacher replaced between a kill and the resume refused."""
+    import dataclasses
+    import shutil
+
+    import torch
+
+    from tests.torch_reference import BasicBlock, ResNet
+
+    seen = _stub_comparison(monkeypatch)
+    _, path = torch_r18
+    pth = str(tmp_path / "teacher.pth")
+    shutil.copy(path, pth)
+    names = ("class_0", "class_1", "class_2", "class_3")
+    swapped = ("class_1", "class_0", "class_2", "class_3")
+
+    def start(name, **kd):
+        c = tiny_config(methods=("hinton_kd",), **kd)
+        return fopro_kd.train_and_evaluate(c, str(tmp_path / name))
+
+    torch_kd = {"teacher": pth, "teacher_model": "resnet18"}
+    with pytest.raises(ValueError, match=r"classes \('class_1', 'class_0', 'class_2', "
+                       r"'class_3'\) are the data's in another order \('class_0', 'class_1', "
+                       r"'class_2', 'class_3'\)"):
+        start("b", **torch_kd, teacher_classes=swapped)
+    start("d", **torch_kd, teacher_classes=names)
+    t = seen["teacher"]
+    assert t.num_classes == 4 and t.class_names == names
+    with pytest.raises(ValueError, match=r"4-class head like the data.*set "
+                       r"config.kd.teacher_classes"):
+        teachers.check_classes(dataclasses.replace(t, class_names=None), names)
+    with pytest.raises(ValueError, match=r"'class_x'\) are not the data's .*not in the "
+                       r"teacher: \['class_3'\], not in the data: \['class_x'\]"):
+        teachers.check_classes(dataclasses.replace(t, class_names=names[:3] + ("class_x",)),
+                               names)
+    teachers.check_classes(dataclasses.replace(t, class_names=swapped), names[:3])  # no head
+    record = json_load(tmp_path / "d" / "teacher.json")
+    assert record["sha256"] and record["source"] == pth
+    start("d", **torch_kd, teacher_classes=names)  # the same teacher resumes
+    torch.save({"state_dict": ResNet(BasicBlock, [2, 2, 2, 2], 4).state_dict()}, pth)
+    with pytest.raises(ValueError, match=rf"{pth} is not the teacher this comparison was "
+                       rf"started with \(.*{tmp_path / 'd' / 'teacher.json'}"):
+        start("d", **torch_kd, teacher_classes=names)
+
+    # a jaxmed workdir: names from its data; stated ones must agree; replaced -> refused
+    wd_teacher = tmp_path / "t"
+    shutil.copytree(env["teacher"].source, wd_teacher)
+    with pytest.raises(ValueError, match=r"config.kd.teacher_classes=\('class_1', 'class_0'.*"
+                       r"its data's \('class_0', 'class_1'"):
+        teachers.from_workdir(str(wd_teacher), class_names=swapped)
+    start("f", teacher=str(wd_teacher))
+    assert seen["teacher"].class_names == names
+    shutil.rmtree(wd_teacher)
+    shutil.copytree(gray_teacher, wd_teacher)
+    with pytest.raises(ValueError, match=rf"{wd_teacher} is not the teacher this comparison was "
+                       "started with"):
+        start("f", teacher=str(wd_teacher))
+
+
+def json_load(path):
+    import json
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_half_done_sub_run_never_resumes_under_a_new_w_kd(env, tmp_path, monkeypatch):
+    """Issue 24: a half-done FoPro-KD sub-run resumed under a new kd.w_kd. The engine's
+    per-sub-run config.json covers it: even with the change accepted at the top
+    (--allow_config_change) the old sub-run is not resumed (refused, or set aside and run
+    afresh under the new value)."""
+    from jaxmed.train import workdir as workdir_lib
+
+    monkeypatch.setattr(fopro_kd.report, "write_report", lambda *a, **k: {})
+    wd = str(tmp_path / "cmp")
+    calls = []
+
+    def killed(method, seed, run_workdir, sub, **kw):
+        os.makedirs(os.path.join(run_workdir, "checkpoints", "3"))
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(run, "run_one", killed)
+    config = tiny_config(teacher=env["teacher"].source, methods=("ekd",))
+    with pytest.raises(RuntimeError, match="killed"):
+        fopro_kd.train_and_evaluate(config, wd)
+
+    def fresh(method, seed, run_workdir, sub, **kw):
+        calls.append((os.listdir(run_workdir), sub.kd.w_kd,
+                      json_load(os.path.join(run_workdir, "config.json"))["kd"]["w_kd"]))
+        return {"test/tail_acc": 0.5}
+
+    monkeypatch.setattr(run, "run_one", fresh)
+    config = tiny_config(teacher=env["teacher"].source, methods=("ekd",), w_kd=1.0)
+    with pytest.raises(workdir_lib.ConfigChangedError, match="kd.w_kd"):
+        fopro_kd.train_and_evaluate(config, wd)
+    workdir_lib.write_config(config, wd, allow_changed=True, harmless=fopro_kd.HARMLESS_KEYS)
+    try:
+        fopro_kd.train_and_evaluate(config, wd)
+    except workdir_lib.ConfigChangedError as e:  # refused: also never resumed
+        assert "kd.w_kd" in str(e) and not calls
+        return
+    assert calls == [(["config.json"], 1.0, 1.0)]  # a fresh sub-run under the new value

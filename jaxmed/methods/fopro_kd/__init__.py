@@ -17,9 +17,7 @@ Spec: shared/specs/fopro_kd.md.
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 
 import ml_collections
 
@@ -50,15 +48,25 @@ def default_config() -> ml_collections.ConfigDict:
         teacher="",  # a jaxmed workdir (best checkpoint + its config.json model) or a .pth
         teacher_model="",  # a .pth's architecture: resnet18, resnet50, moco_v2_resnet50,
         # dinov2_vits14, dinov2_vitb14
-        teacher_image_size=0,  # teacher input side (0: the student's; DINOv2: multiple of 14)
+        teacher_image_size=0,  # teacher input side (0: a workdir's own, a .pth the student's;
+        # DINOv2: a multiple of 14)
+        teacher_classes=(),  # the classes of a .pth teacher's head outputs, in order (checked
+        # against the data's when its head has their count; a workdir's come from its data)
         teacher_stage=ml_collections.ConfigDict(dict(  # train a teacher first (quick configs)
             epochs=0, num_train=0, model="resnet20", width=16, stem="small", lr=1e-3)),
         w_kd=3.0,  # EKD's `free_u`
-        kd_class_weights=False,  # effective-number weights on the KD term (Fed-MAS option)
-        w_feature=1.0, w_hinton=1.0, temperature=4.0,
+        w_kd_ramp=0.0,  # > 0: w_kd ramps down linearly per epoch from this fraction of
+        # training to the end (Fed-MAS --LRD from start_free_rd; its default 30 of 100: 0.3)
+        kd_class_weights=False,  # the KD term x per-class weights: ones until drw_start, then
+        # effective-number weights (Fed-MAS balanced_free); batch mean of w_y kd
+        w_feature=1.0, w_hinton=1.0, temperature=4.0,  # w_hinton: hinton_kd and balanced_kd
         projector_hidden=512,
-        ldam_max_margin=0.5, ldam_scale=30.0, drw_start=0.8,  # fraction of training
+        ldam_max_margin=0.5, ldam_scale=30.0,
+        drw_start=0.8,  # fraction of training; DRW / KD class weights from the start of epoch
+        # int(drw_start * epochs), as LDAM-DRW and Fed-MAS
         cb_beta=0.9999, focal_gamma=2.0, la_tau=1.0,
+        cb_reduction="weighted",  # class_balanced: 'weighted' sum(w_y l) / sum(w_y) (torch's
+        # CrossEntropyLoss(weight=w), Fed-MAS CB) or 'mean' mean(w_y l) (Cui et al.)
         fpg=ml_collections.ConfigDict(dict(
             beta=1.0,  # relative size of the learnable low-frequency window (1: all)
             steps=200,  # discriminative stage: prompt + probe steps before EKD
@@ -79,9 +87,13 @@ def check_config(config) -> None:
         raise ValueError(f"config.kd.teacher is empty but methods {needs} need a teacher: name "
                          "a jaxmed workdir or a PyTorch file (+ config.kd.teacher_model), or set "
                          "config.kd.teacher_stage.epochs > 0")
-    if kd.teacher and not os.path.isdir(kd.teacher) and not kd.teacher_model:
-        raise ValueError(f"config.kd.teacher={kd.teacher!r} is not a workdir: set "
-                         f"config.kd.teacher_model ({sorted(teachers.TORCH_ARCHS)})")
+    if kd.teacher:  # exists; a jaxmed workdir with a checkpoint, or a file + its architecture
+        teachers.check_teacher_path(kd)
+    names = kd.teacher_classes
+    if isinstance(names, str) or not isinstance(names, (tuple, list)) or not all(
+            isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"config.kd.teacher_classes={names!r}: a tuple of distinct class names "
+                         "(a .pth teacher's head outputs, in order), or ()")
     if kd.teacher_model and kd.teacher_model not in teachers.TORCH_ARCHS:
         raise ValueError(f"config.kd.teacher_model={kd.teacher_model!r}: use one of "
                          f"{sorted(teachers.TORCH_ARCHS)}")
@@ -111,19 +123,31 @@ def train_and_evaluate(config, workdir: str) -> dict:
             teacher = teachers.load_teacher(kd, size)
         else:
             path = teachers.train_teacher_stage(config, workdir)
-            teacher = teachers.from_workdir(path, int(kd.teacher_image_size or size))
-        log.info("teacher %s: %d-d features, %d-class head", teacher.source,
-                 teacher.feature_dim, teacher.num_classes)
+            teacher = teachers.from_workdir(path, int(kd.teacher_image_size),
+                                            class_names=kd.teacher_classes)
+        # its head's classes against the data's, its channels adapted to the student's, and
+        # the same teacher as in every run this comparison already holds
+        teacher = teachers.for_data(teacher, ds.info.class_names,
+                                    data_lib.image_channels(config.data, ds.info))
+        teachers.check_identity(workdir, teacher)
+        report.teacher_accuracy(teacher)  # its result.json, checked before any run
+        log.info("teacher %s: %d-d features, %d-class head, %d channel(s) at %d px",
+                 teacher.source, teacher.feature_dim, teacher.num_classes, teacher.channels,
+                 teacher.image_size)
 
     def write_report(results):
         summary = report.write_report(workdir, config, results, ds, teacher, mesh)
         return {f"{m}/{k}": v for m, row in summary.items() for k, v in row.items()
                 if k in report.METRICS}
 
-    return comparison.compare(
-        workdir, config, "kd", functools.partial(run.run_one, ds=ds, teacher_model=teacher,
-                                                 mesh=mesh),
-        write_report, harmless=HARMLESS_KEYS)
+    def run_one(method, seed, run_workdir, sub):
+        if method not in step.STUDENT_ONLY:  # the teacher its runs were made with
+            teachers.record_identity(workdir, teacher)
+        return run.run_one(method, seed, run_workdir, sub, ds=ds, teacher_model=teacher,
+                           mesh=mesh)
+
+    return comparison.compare(workdir, config, "kd", run_one, write_report,
+                              harmless=HARMLESS_KEYS)
 
 
 __all__ = ["HARMLESS_KEYS", "METHODS", "check_config", "default_config", "train_and_evaluate"]

@@ -16,7 +16,7 @@ import numpy as np
 from jaxmed import fourier
 from jaxmed.data import augment, image_channels, image_size
 from jaxmed.data.pipeline import Preprocess, eval_batches
-from jaxmed.methods.fopro_kd import step
+from jaxmed.methods.fopro_kd import run, step
 from jaxmed.report import new_figure, save_figure, write_csv, write_markdown
 from jaxmed.train import comparison, sharding
 from jaxmed.train.evaluate import predict
@@ -82,7 +82,12 @@ def teacher_accuracy(teacher) -> float | None:
     for a PyTorch teacher or a workdir without a result."""
     if teacher is None or not os.path.isdir(str(teacher.source)):
         return None
-    value = (comparison.read_result(teacher.source) or {}).get("test/accuracy")
+    try:
+        result = comparison.read_result(teacher.source)
+    except ValueError as e:
+        raise ValueError(f"{e} (the teacher's own result: without it the report gives no "
+                         "teacher accuracy)") from None
+    value = (result or {}).get("test/accuracy")
     return None if value is None else float(value)
 
 
@@ -171,11 +176,15 @@ def prompt_figure(path: str, workdir: str, methods, config, ds) -> None:
     window = None if beta >= 1 else fourier.low_frequency_window(images.shape[1],
                                                                  images.shape[2], beta)
     for k, m in enumerate(methods):
-        f = os.path.join(comparison.run_dir(workdir, m, config.kd.seeds[0]), "prompt.npz")
+        d = comparison.run_dir(workdir, m, config.kd.seeds[0])
+        f = os.path.join(d, "prompt.npz")
         if not os.path.exists(f):
             continue
-        with np.load(f) as z:
-            prompt = {"log_mask": jnp.asarray(z["log_mask"])}
+        shape = fourier.init_prompt(images.shape[1], images.shape[2], images.shape[3])
+        z = run.read_npz(f, {"log_mask": shape["log_mask"].shape},
+                         f"and {os.path.join(d, comparison.RESULT)}: the rerun writes it again "
+                         "from the run's last checkpoint")
+        prompt = {"log_mask": jnp.asarray(z["log_mask"])}
         prompted = np.asarray(fourier.apply_prompt(prompt, jnp.asarray(images), window))
         for j in range(len(images)):
             for r, img in ((0, images[j]), (1, prompted[j])):

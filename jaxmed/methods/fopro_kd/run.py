@@ -4,7 +4,9 @@ leaves for the report.
 `build_method` makes the initial state, the teacher pytree and the jitted steps (one compile
 per method); `run_one` (the comparison's) trains (resuming from its checkpoints), evaluates on
 test and returns a flat dict of metrics (`test/...`, per-class recall `test/recall/<class
-name>`), and for FPG methods saves the prompt (`prompt.npz`) the report draws.
+name>`), and for FPG methods saves the prompt (`prompt.npz`) the report draws. Files written
+here are written atomically (`save_npz`) and checked when read back (`read_npz`: an error names
+the file and what deleting it does); the probe / prompt stage stops on a non-finite loss.
 """
 
 from __future__ import annotations
@@ -13,20 +15,24 @@ import dataclasses
 import functools
 import logging
 import os
+import zipfile
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
 from jaxmed import fourier, losses, metrics
+from jaxmed.config_check import InputError
 from jaxmed.data import image_channels, image_size
 from jaxmed.data.pipeline import Preprocess, train_stream
 from jaxmed.methods.fopro_kd import objectives, step
 from jaxmed.methods.fopro_kd.heads import ProjectorHeads
 from jaxmed.train import build, sharding
 from jaxmed.train.evaluate import Evaluator
+from jaxmed.train.loop import NonFiniteLossError
 from jaxmed.train.run import (Durations, Run, durations, eval_preprocess, fit, loop_settings,
                               run_meta, steps_per_epoch, stream_factory)
 
@@ -74,7 +80,7 @@ def build_method(config, method: str, seed: int, ds, teacher_model, mesh) -> Met
     size, channels = image_size(config.data, info), image_channels(config.data, info)
     counts = np.asarray(info.class_counts, np.int64)
     if (counts == 0).any():
-        raise ValueError(f"classes {np.flatnonzero(counts == 0).tolist()} have no training "
+        raise InputError(f"classes {np.flatnonzero(counts == 0).tolist()} have no training "
                          "sample: the long-tailed losses need every class")
     d = durations(tcfg, steps_per_epoch(len(ds["train"]), tcfg.batch_size,
                                         f"training images of {info.name}"))
@@ -85,7 +91,7 @@ def build_method(config, method: str, seed: int, ds, teacher_model, mesh) -> Met
     stats = {"backbone": variables.get("batch_stats", {})}
     needs_teacher = method not in step.STUDENT_ONLY
     if needs_teacher and teacher_model is None:
-        raise ValueError(f"method {method!r} needs a teacher (config.kd.teacher)")
+        raise InputError(f"method {method!r} needs a teacher (config.kd.teacher)")
     heads = None
     if method in step.WITH_HEADS:
         heads = ProjectorHeads(teacher_model.feature_dim, info.num_classes,
@@ -106,7 +112,7 @@ def build_method(config, method: str, seed: int, ds, teacher_model, mesh) -> Met
         window=_window(kd, size), fpg_penalty=kd.fpg.penalty,
         kd_class_weights=(np.asarray(losses.class_balanced_weights(counts, kd.cb_beta))
                           if kd.kd_class_weights else None),
-        drw_start=d.fraction(kd.drw_start))
+        drw_start=step.drw_start_step(d, kd.drw_start), durations=d)
     full = {"student": params}
     opt_state = {"student": tx.init(params)}
     if method in step.PROMPTED:
@@ -122,23 +128,72 @@ def build_method(config, method: str, seed: int, ds, teacher_model, mesh) -> Met
                        0 if teacher_model is None else teacher_model.feature_dim)
 
 
+STAGE = "fpg_stage.npz"
+NAN_CHECK_EVERY = 50  # probe-stage steps between fetches of their losses
+
+
+def save_npz(path: str, arrays: dict) -> None:
+    """np.savez, atomically: a kill leaves the old file or none, never half of one."""
+    tmp = f"{path}.tmp{jax.process_index()}"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_npz(path: str, want: dict, redo: str) -> dict:
+    """The arrays `want` ({name: shape}) of a file this package wrote, checked: unreadable,
+    missing, misshapen or non-finite is an error naming the file and saying `redo` (what
+    deleting it does)."""
+    try:
+        with np.load(path) as z:
+            got = {k: np.asarray(z[k]) for k in want if k in z.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise InputError(f"{path} is unreadable ({type(e).__name__}: {e}): delete it {redo}"
+                         ) from None
+    for k, shape in want.items():
+        if k not in got:
+            raise InputError(f"{path} has no array {k!r}: delete it {redo}")
+        if tuple(got[k].shape) != tuple(shape):
+            raise InputError(f"{path}: {k} has shape {tuple(got[k].shape)}, not {tuple(shape)} "
+                             f"(written for another teacher or data?): delete it {redo}")
+        if not np.isfinite(got[k]).all():
+            raise InputError(f"{path} holds non-finite values ({k}): delete it {redo}")
+    return got
+
+
+def _stage_name(learn_prompt: bool) -> str:
+    return ("Fourier-prompt stage (prompt + probe)" if learn_prompt
+            else "probe stage (the teacher's logits for logit KD)")
+
+
 def fit_probe_stage(config, built: MethodSteps, ds, seed: int, mesh, learn_prompt: bool,
                     run_workdir: str) -> dict:
     """The discriminative FPG (prompt + probe) or a probe alone on the frozen teacher, for
-    `config.kd.fpg.steps` steps; saved to run_workdir/fpg_stage.npz and read back on resume.
-    (A fixed number of steps with nothing to select or evaluate: a plain loop, not a `fit`.)"""
-    path = os.path.join(run_workdir, "fpg_stage.npz")
-    if os.path.exists(path):
-        with np.load(path) as z:
-            out = {"probe": {"kernel": z["kernel"], "bias": z["bias"]}}
-            if "log_mask" in z:
-                out["prompt"] = {"log_mask": z["log_mask"]}
-        return out
+    `config.kd.fpg.steps` steps; saved to run_workdir/fpg_stage.npz (atomically) and read back
+    (checked) on resume. A non-finite loss or result stops it naming the stage, the step and
+    the file, with nothing saved. (A fixed number of steps with nothing to select or evaluate:
+    a plain loop, not a `fit`.)"""
+    path = os.path.join(run_workdir, STAGE)
     info, kd = ds.info, config.kd
     size, channels = image_size(config.data, info), image_channels(config.data, info)
+    what = _stage_name(learn_prompt)
     params = {"probe": objectives.init_probe(built.teacher_dim, info.num_classes)}
     if learn_prompt:
         params["prompt"] = fourier.init_prompt(size, size, channels)
+    if os.path.exists(path):
+        want = {"kernel": params["probe"]["kernel"].shape, "bias": params["probe"]["bias"].shape}
+        if learn_prompt:
+            want["log_mask"] = params["prompt"]["log_mask"].shape
+        z = read_npz(path, want, f"to redo the {what}")
+        out = {"probe": {"kernel": z["kernel"], "bias": z["bias"]}}
+        if learn_prompt:
+            out["prompt"] = {"log_mask": z["log_mask"]}
+        return out
     tx = optax.adam(kd.fpg.lr)
     pstate = jax.device_put({"params": params, "opt_state": tx.init(params)},
                             sharding.replicated(mesh))
@@ -148,16 +203,35 @@ def fit_probe_stage(config, built: MethodSteps, ds, seed: int, mesh, learn_promp
     stream = train_stream(ds["train"], global_batch=config.train.batch_size, preprocess=pre,
                           seed=seed + 7919, num_epochs=d.num_epochs,
                           num_workers=config.data.num_workers)
-    m = {}
-    for _ in range(d.total):
+    m, pending = {}, []
+
+    def stop(why: str):
+        raise NonFiniteLossError(f"{what} of {run_workdir}: {why} of {d.total}; nothing saved "
+                                 f"to {path} (a smaller config.kd.fpg.lr={kd.fpg.lr} may help)")
+
+    def check(upto: int):  # the losses of steps upto - len(pending) + 1 .. upto
+        values = np.asarray(jax.device_get(pending), np.float64)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            stop(f"non-finite loss {values[bad[0]]} at step {upto - len(values) + bad[0] + 1}")
+        pending.clear()
+
+    for k in range(d.total):
         pstate, m = probe_step(pstate, built.teacher, sharding.to_global(next(stream), mesh))
+        pending.append(m["loss"])
+        if len(pending) >= NAN_CHECK_EVERY:
+            check(k + 1)
+    check(d.total)
     out = jax.device_get(pstate["params"])
-    log.info("FPG stage (%s): %s", "prompt + probe" if learn_prompt else "probe",
-             {k: float(v) for k, v in jax.device_get(m).items()})
+    bad = [k for k, v in traverse_util.flatten_dict(out, sep="/").items()
+           if not np.isfinite(v).all()]
+    if bad:
+        stop(f"non-finite {bad} at step {d.total}")
+    log.info("%s: %s", what, {k: float(v) for k, v in jax.device_get(m).items()})
     flat = {"kernel": out["probe"]["kernel"], "bias": out["probe"]["bias"]}
     if learn_prompt:
         flat["log_mask"] = out["prompt"]["log_mask"]
-    np.savez(path, **flat)
+    save_npz(path, flat)
     return out
 
 
@@ -168,7 +242,7 @@ def run_one(method: str, seed: int, run_workdir: str, config, *, ds, teacher_mod
     info, tcfg = ds.info, config.train
     built = build_method(config, method, seed, ds, teacher_model, mesh)
     state, teacher = built.state, built.teacher
-    if method == "ekd_fpg" or (method == "hinton_kd" and built.setup.teacher_logits == "probe"):
+    if method == "ekd_fpg" or (method in step.LOGIT_KD and built.setup.teacher_logits == "probe"):
         stage = fit_probe_stage(config, built, ds, seed, mesh, method == "ekd_fpg", run_workdir)
         rep = sharding.replicated(mesh)
         teacher = {**teacher, "probe": jax.device_put(stage["probe"], rep)}  # no round trip
@@ -189,6 +263,5 @@ def run_one(method: str, seed: int, run_workdir: str, config, *, ds, teacher_mod
         loop_settings(tcfg, d), tcfg.batch_size, d, run_meta(config, method=method, seed=seed),
         ds=ds, evaluator=evaluator), run_workdir)
     if "prompt" in state.params and sharding.is_lead_process():
-        np.savez(os.path.join(run_workdir, "prompt.npz"),
-                 **jax.device_get(state.params["prompt"]))
+        save_npz(os.path.join(run_workdir, "prompt.npz"), jax.device_get(state.params["prompt"]))
     return {f"test/{k}": v for k, v in final.items()}
