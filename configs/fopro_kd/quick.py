@@ -15,6 +15,7 @@ Measured (2-core CPU, empty workdir, the lead's jobs running: load 6.0 -> 4.8): 
 wall, 689 CPU s (user + sys). Test tail accuracy (balanced accuracy), mean +- std, seeds 0-2:
   ce 0.008 +- 0.010 (0.648)           balanced_softmax 0.645 +- 0.082 (0.775 +- 0.062)
   ldam_drw 0.160 +- 0.013 (0.700)     focal 0.038 +- 0.016 (0.640)
+  (ldam_drw measured before its weighted reduction and epoch-boundary DRW: not rerun since)
   hinton_kd 0.165 +- 0.103 (0.695)    feature_kd 0.687 +- 0.012 (0.814 +- 0.002)
   ekd 0.652 +- 0.038 (0.807 +- 0.008) ekd_fpg 0.655 +- 0.033 (0.798 +- 0.009)
   ekd_fpg_adv 0.637 +- 0.053 (0.784 +- 0.033)                  teacher 0.997
