@@ -33,6 +33,7 @@ from typing import Callable, Mapping, Sequence
 import ml_collections
 import numpy as np
 
+from jaxmed.config_check import InputError
 from jaxmed.report import write_csv
 from jaxmed.train import sharding
 
@@ -94,14 +95,20 @@ def read_result(run_workdir: str) -> dict | None:
     path = os.path.join(run_workdir, RESULT)
     if not os.path.exists(path):
         return None
+    return read_json_object(path, "delete it to rerun that run")
+
+
+def read_json_object(path: str, remedy: str) -> dict:
+    """A JSON object a run wrote; an unreadable or other file is an InputError naming it and
+    `remedy` (what deleting it does)."""
     try:
         with open(path) as f:
-            result = json.load(f)
-        if not isinstance(result, dict):
+            obj = json.load(f)
+        if not isinstance(obj, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is unreadable ({e}): delete it to rerun that run") from None
-    return result
+        raise InputError(f"{path} is unreadable ({e}): {remedy}") from None
+    return obj
 
 
 def _json_default(v):

@@ -406,14 +406,8 @@ def check_identity(workdir: str, teacher: Teacher) -> bool:
     path = os.path.join(workdir, IDENTITY)
     if not os.path.exists(path):
         return True
-    try:
-        with open(path) as f:
-            old = json.load(f)
-        if not isinstance(old, dict):
-            raise InputError("not a JSON object")
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path} is unreadable ({e}): delete it only if every run under "
-                         f"{workdir}/runs was made with {teacher.source}") from None
+    old = comparison.read_json_object(path, f"delete it only if every run under {workdir}/runs "
+                                            f"was made with {teacher.source}")
     if {k: v for k, v in old.items() if k != "source"} == teacher.identity:
         return False
     made = _runs_made(workdir)
