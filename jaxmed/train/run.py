@@ -52,6 +52,13 @@ class Durations:
         spe = max(self.steps_per_epoch, 1)
         return min(int(math.ceil(round(step / spe, 9))) * spe, self.total)
 
+    def epoch_start(self, f: float) -> int:
+        """The first step of epoch int(f * epochs): where the references (LDAM-DRW's `epoch //
+        160`, Fed-MAS's `epoch // int(0.8 * epochs)`) switch a phase, i.e. the last epoch
+        boundary at or before `f` of training; capped at total (f = 1: never)."""
+        spe = max(self.steps_per_epoch, 1)
+        return min(int(math.floor(round(f * self.total / spe, 9))) * spe, self.total)
+
     def every(self, value: int) -> int:
         """A cadence key (eval_every, checkpoint_every): > 0 steps, 0 once per epoch, < 0
         never before the end (returned as 0)."""
@@ -185,7 +192,7 @@ def build_run(config, seed: int | None = None, *, ds=None, mesh=None) -> Run:
              if pruned else [])
     return Run(mesh, state, train_step, make_stream, evaluator, loop_settings(tcfg, d),
                tcfg.batch_size, d, run_meta(config), hooks, model=model, tx=tx, ds=ds,
-               evaluator=evaluator, extras={"eval_step": eval_step, "pruned": pruned})
+               evaluator=evaluator)
 
 
 def eval_preprocess(config, info, seed: int) -> Preprocess:

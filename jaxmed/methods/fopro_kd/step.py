@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import flax
@@ -131,13 +130,9 @@ class Setup(FromConfig):
 
 def drw_start_step(d, fraction: float) -> int:
     """The step where DRW (and the KD class weights) switch on: the start of epoch
-    int(fraction * epochs), as LDAM-DRW (`epoch // 160` of 200) and Fed-MAS (`epoch //
-    int(0.8 * epochs)`) do, i.e. the last epoch boundary at or before that fraction of
-    training (9 epochs: epoch 7, not step int(0.8 * total)); capped at the total (1.0:
-    never). `d`: the run's Durations (a fractional epoch count when train.steps is set)."""
-    spe = max(d.steps_per_epoch, 1)
-    epoch = int(math.floor(round(fraction * d.total / spe, 9)))
-    return min(epoch * spe, d.total)
+    int(fraction * epochs), as LDAM-DRW and Fed-MAS do (`Durations.epoch_start`; 9 epochs:
+    epoch 7, not step int(0.8 * total)). `d`: the run's Durations."""
+    return d.epoch_start(fraction)
 
 
 def kd_class_weights_at(setup: Setup, step):
