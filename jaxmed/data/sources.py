@@ -157,6 +157,10 @@ def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 def record_indices(source) -> np.ndarray:
     """The stable `index` of every record, without decoding images."""
+    if isinstance(source, TaskSource):
+        return record_indices(source.parent)
+    if isinstance(source, ConcatSource):
+        return np.concatenate([record_indices(p) for p in source.parts] or [np.zeros(0, int)])
     if isinstance(source, SubsetSource):
         parent = source.parent
         if isinstance(parent, TableSource):

@@ -33,6 +33,7 @@ from jaxmed import data as data_lib
 from jaxmed import metrics
 from jaxmed.data import augment
 from jaxmed.data.pipeline import eval_batches
+from jaxmed.data.sources import record_indices
 from jaxmed.methods.biaspruner.tasks import Task
 from jaxmed.train import run as run_lib
 from jaxmed.train import sharding, steps
@@ -112,8 +113,8 @@ class TaskSequence:
         """1 + the largest stable record index of any task's training set: the size of
         per-sample tables (fine-tuning weights), the same for every task so that the steps
         taking them compile once."""
-        return 1 + max(int(src[i]["index"]) for src in (t.splits["train"] for t in self.tasks)
-                       for i in range(len(src)))
+        return 1 + max(int(record_indices(t.splits["train"]).max(initial=-1))
+                       for t in self.tasks)
 
     def with_config(self, config) -> "TaskSequence":
         """The same tasks, data and mesh under another config (each seed's), keeping the index

@@ -21,9 +21,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-
-def l2_normalize(x, eps: float = 1e-12):
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+from jaxmed.losses import l2_normalize
 
 
 def group_means(features, assign, valid, num_groups: int, fallback):
