@@ -8,9 +8,11 @@
 #   r  ResNet-50 bf16 at batch 128 and 256 in one call: jaxmed (with MFU) under the default
 #      XLA flags and under the convnet options of the XLA GPU docs (autotune level 4, cuDNN
 #      fusions, no layout-changing copies), PyTorch eager and torch.compile
-#   usage: bash benchmarks/gpu_suite.sh a|b|c|d|r [batch]
+#   s  the seed axis: S = 1..32 seeds' train steps as one program (vmap) vs one seed, ResNet-18
+#      at 64 and 224 px and TEAR's quick FixMatch step (benchmarks/seeds_step.py)
+#   usage: bash benchmarks/gpu_suite.sh a|b|c|d|r|s [batch]
 set -uo pipefail
-part=${1:?part a, b, c or d}; batch=${2:-128}
+part=${1:?part a, b, c, d, r or s}; batch=${2:-128}
 out=${OUT:-bench_out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.75}
 log="$out/gpu_suite_$part.log"
@@ -47,4 +49,7 @@ case $part in
       --dtypes bfloat16 --batch-sizes 128,256 --steps 20 --out "$out/r50_torch_eager.json"
     T=180 run python benchmarks/torch_reference/train_step.py --models resnet50 --modes compile \
       --dtypes bfloat16 --batch-sizes 128,256 --steps 20 --out "$out/r50_torch_compile.json" ;;
+  s)
+    T=500 run python benchmarks/seeds_step.py --seeds 1,2,4,8,16,32 --cases r18_64,r18_224,tear \
+      --batch 64 --dtype bfloat16 --steps 10 --out "$out/seeds_step.json" ;;
 esac

@@ -28,6 +28,8 @@ def paper_config(dataset: str):
     c.train.patience = 15
     c.train.log_every = 50
     c.prunecxr.num_runs = 30
+    # 30 ResNet-50 runs at 224 px do not fit one program's memory: one after another
+    c.prunecxr.parallel_seeds = False
     c.prunecxr.chunk = 5
     c.prunecxr.sweep_batch_size = 64
     return c

@@ -28,7 +28,7 @@ import json
 import logging
 import math
 import os
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import ml_collections
 import numpy as np
@@ -45,8 +45,9 @@ BETTER, WORSE, NOISE, FEW = "better", "worse", "within noise", "too few seeds"
 
 
 def harmless_keys(section: str) -> tuple[str, ...]:
-    """The comparison's own keys: which methods and seeds run never changes a sub-run."""
-    return (f"{section}.methods", f"{section}.seeds")
+    """The comparison's own keys: which methods and seeds run, and whether seeds train
+    together, never change a sub-run."""
+    return (f"{section}.methods", f"{section}.seeds", f"{section}.parallel_seeds")
 
 
 def check_methods_and_seeds(methods, seeds, known: Sequence[str], key: str) -> None:
@@ -121,28 +122,75 @@ def _json_default(v):
 
 def run_all(workdir: str, config, section: str,
             run_one: Callable[[str, int, str, ml_collections.ConfigDict], Mapping],
-            *, harmless: tuple[str, ...] = ()) -> dict[str, list[dict]]:
+            *, harmless: tuple[str, ...] = (), run_group: Callable | None = None,
+            why_sequential: str = "") -> dict[str, list[dict]]:
     """{method: [result of each seed]} for `config.<section>.methods` x `.seeds`.
 
     `run_one(method, seed, run_workdir, sub_config)` trains one sub-run and returns a flat dict
     of final metrics (floats; the same on every process; other JSON values are kept for the
-    method's report). Finished sub-runs are read back, not rerun."""
+    method's report). Finished sub-runs are read back, not rerun. With
+    `config.<section>.parallel_seeds` and a `run_group` (see `_run_group`), a method's
+    unfinished seeds train together (`train.seeds`); without one (`why_sequential` says why,
+    in a log line) they run one after another."""
     from jaxmed.train.workdir import write_config
 
     s = config[section]
+    parallel = bool(s.get("parallel_seeds", False))
     results: dict[str, list[dict]] = {}
     for method in s.methods:
+        done, todo = {}, []
         for seed in s.seeds:
             d = run_dir(workdir, method, seed)
             sub = sub_config(config, section, method, seed)
             _supersede_if_changed(workdir, sub, d, harmless)
             result = read_result(d)
-            if result is None:  # every process takes part in the run; the lead writes
+            if result is None:
+                todo.append((seed, d, sub))
+            else:
+                done[seed] = result
+        if parallel and run_group is not None and len(todo) > 1:
+            done.update(_run_group(workdir, config, section, method, todo, run_group, harmless))
+        else:
+            if parallel and len(todo) > 1:
+                log.info("%s: its %d seeds run one after another (%s)", method, len(todo),
+                         why_sequential or "no seed axis for this method")
+            for seed, d, sub in todo:  # every process takes part in the run; the lead writes
                 write_config(sub, d, harmless=harmless)
-                result = {k: _to_float(v) for k, v in dict(run_one(method, seed, d, sub)).items()}
-                write_result(d, result)
-            results.setdefault(method, []).append(result)
+                done[seed] = _finish(d, run_one(method, seed, d, sub))
+        results[method] = [done[seed] for seed in s.seeds]
     return results
+
+
+def group_dir(workdir: str, method: str, seeds: Sequence[int]) -> str:
+    """Where the seeds trained together keep their stacked checkpoints and config."""
+    return os.path.join(workdir, "runs", method, "seeds_" + "-".join(str(s) for s in seeds))
+
+
+def _finish(d: str, result: Mapping) -> dict:
+    result = {k: _to_float(v) for k, v in dict(result).items()}
+    write_result(d, result)
+    return result
+
+
+def _run_group(workdir, config, section, method, todo, run_group, harmless) -> dict:
+    """The unfinished seeds of `method` trained together (`run_group(method, seeds, run_dirs,
+    sub_configs, group_dir) -> [result per seed]`): every sub-run's config.json first, the
+    group's own (the seeds it holds) beside its checkpoints, each result.json after."""
+    from jaxmed.train.workdir import write_config
+
+    seeds = [t[0] for t in todo]
+    g = group_dir(workdir, method, seeds)
+    gsub = ml_collections.ConfigDict(todo[0][2].to_dict())
+    gsub[section].seeds, gsub.seed = tuple(seeds), int(seeds[0])
+    _supersede_if_changed(workdir, gsub, g, harmless)
+    write_config(gsub, g, harmless=harmless)
+    for _, d, sub in todo:
+        write_config(sub, d, harmless=harmless)
+    out = run_group(method, seeds, [t[1] for t in todo], [t[2] for t in todo], g)
+    if len(out) != len(todo):
+        raise RuntimeError(f"{method}: run_group returned {len(out)} results for {len(todo)} "
+                           "seeds")
+    return {seed: _finish(d, r) for (seed, d, _), r in zip(todo, out)}
 
 
 def _supersede_if_changed(workdir: str, sub, d: str, harmless: tuple[str, ...]) -> None:
@@ -173,10 +221,10 @@ def _supersede_if_changed(workdir: str, sub, d: str, harmless: tuple[str, ...]) 
 
 
 def compare(workdir: str, config, section: str, run_one, report: Callable[[dict], dict | None],
-            *, harmless: tuple[str, ...] = ()) -> dict:
+            *, harmless: tuple[str, ...] = (), **group) -> dict:
     """`run_all`, then `report(results)` on the lead process (it writes workdir/report/ and
     returns the method's headline figures); other processes return {}."""
-    results = run_all(workdir, config, section, run_one, harmless=harmless)
+    results = run_all(workdir, config, section, run_one, harmless=harmless, **group)
     if not sharding.is_lead_process():
         return {}
     return report(results) or {}

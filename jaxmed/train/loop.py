@@ -191,9 +191,20 @@ def _evaluate_and_select(state, step, evaluate, splits, writer, settings, book
         results.update({f"{split}/{k}": v for k, v in evaluate(state, split).items()})
     writer.write(step, results)
     book["last_eval_step"] = step
+    outcome = update_selection(book, results, step, settings)
+    if outcome == "improved":
+        key = settings.early_stop_metric
+        return False, {"improvement": book["improvements"], key: float(results[key])}
+    return outcome == "stop", None
+
+
+def update_selection(book: dict, results: dict, step: int, settings: LoopSettings) -> str:
+    """Model selection and early stopping of one run's bookkeeping after an evaluation:
+    'improved' (a new best at `step`), 'stop' (patience exhausted) or ''. The seed axis
+    (train.seeds) keeps one such book per seed."""
     key = settings.early_stop_metric
     if not key:
-        return False, None
+        return ""
     if key not in results:
         raise KeyError(f"early_stop_metric {key!r} is not among the evaluation metrics "
                        f"{sorted(results)}")
@@ -201,11 +212,11 @@ def _evaluate_and_select(state, step, evaluate, splits, writer, settings, book
     if _better(value, book["best_value"], settings.early_stop_mode):
         book.update(best_value=value, best_step=step, bad_evals=0,
                     improvements=book.get("improvements", 0) + 1)
-        return False, {"improvement": book["improvements"], key: value}
+        return "improved"
     book["bad_evals"] += 1
     if settings.patience and book["bad_evals"] >= settings.patience:
         book["stopped_early"] = True
         log.info("early stop at step %d: %s did not improve for %d evaluations", step, key,
                  settings.patience)
-        return True, None
-    return False, None
+        return "stop"
+    return ""

@@ -104,7 +104,13 @@ class Run:
     """Everything `fit` needs. `train_step(state, global_batch) -> (state, metrics)`;
     `evaluate(state, split) -> metrics` (no split prefix); `make_stream() -> TrainStream`;
     `state_hooks`: factories `writer -> ((step, state) -> state)` for what acts on the state
-    between steps and may log (pruning schedules, HTL identification)."""
+    between steps and may log (pruning schedules, HTL identification). `step(state, batch,
+    *step_args)`: the same step as a pure function of its arguments (`train_step` is it jitted
+    with `step_args` bound), for the seed axis (`train.seeds`), which batches it over seeds:
+    an argument that is the same object in every seed's run is shared, not stacked (FoPro-KD's
+    frozen teacher). It may close over nothing that depends on the seed (the seed axis runs
+    the first seed's `step` for every seed): what differs per seed lives in the state or in
+    `step_args`. None: this run's seeds train one after another."""
 
     mesh: Any
     state: Any  # initial, replicated
@@ -124,6 +130,8 @@ class Run:
     ds: Any = None
     evaluator: Any = None
     extras: dict = dataclasses.field(default_factory=dict)
+    step: Callable | None = None
+    step_args: tuple = ()
 
 
 @contextlib.contextmanager
@@ -178,10 +186,10 @@ def build_run(config, seed: int | None = None, *, ds=None, mesh=None) -> Run:
     state = build.create_state(variables, tx, state_rng, mesh, masks=masks)
     dtype = jnp.dtype(config.model.dtype)
     loss_name = "bce" if info.multi_label and tcfg.loss == "ce" else tcfg.loss
-    train_step = steps.jit_train_step(steps.make_train_step(
+    pure_step = steps.make_train_step(
         model, tx, multi_label=info.multi_label, loss_name=loss_name,
         class_counts=info.class_counts, label_smoothing=tcfg.label_smoothing,
-        compute_dtype=dtype, bn_frozen_from=d.epochs(tcfg.freeze_bn_after_epoch)), mesh)
+        compute_dtype=dtype, bn_frozen_from=d.epochs(tcfg.freeze_bn_after_epoch))
     eval_step = steps.jit_eval_step(
         steps.make_eval_step(model, multi_label=info.multi_label, compute_dtype=dtype), mesh)
     evaluator = Evaluator(eval_step, ds.splits, batch_size=tcfg.eval_batch_size,
@@ -190,9 +198,9 @@ def build_run(config, seed: int | None = None, *, ds=None, mesh=None) -> Run:
     make_stream = stream_factory(config, ds["train"], info, seed, d)
     hooks = ([lambda writer: pruning_training.ScheduledPruning(config.pruning, writer)]
              if pruned else [])
-    return Run(mesh, state, train_step, make_stream, evaluator, loop_settings(tcfg, d),
-               tcfg.batch_size, d, run_meta(config), hooks, model=model, tx=tx, ds=ds,
-               evaluator=evaluator)
+    return Run(mesh, state, steps.jit_train_step(pure_step, mesh), make_stream, evaluator,
+               loop_settings(tcfg, d), tcfg.batch_size, d, run_meta(config, seed=seed), hooks,
+               model=model, tx=tx, ds=ds, evaluator=evaluator, step=pure_step)
 
 
 def eval_preprocess(config, info, seed: int) -> Preprocess:

@@ -36,6 +36,10 @@ MATRICES = ("agnostic", "aware", "selection")  # accuracy matrices R[after task 
 FAIRNESS = ("eopp0", "eopp1", "eodd", "dp_ratio")
 
 
+WHY_SEQUENTIAL = ("a continual run is a sequence of phases per task (GCE split, pruning, "
+                  "fine-tuning) whose sample weights and masks differ per seed")
+
+
 def run(config, workdir: str, methods: dict[str, Method], *, harmless=()) -> dict:
     """Run the comparison and write workdir/report/; returns (lead process) {'<method>/<metric>':
     mean over seeds, '<method>/<metric>_std' / '_se' / '_n': sample sd, standard error, finite
@@ -56,7 +60,8 @@ def run(config, workdir: str, methods: dict[str, Method], *, harmless=()) -> dic
 
     write = functools.partial(report.write_report, os.path.join(workdir, "report"),
                               num_tasks=len(tasks), selection=config.continual.task_selection)
-    return comparison.compare(workdir, config, SECTION, run_one, write, harmless=harmless)
+    return comparison.compare(workdir, config, SECTION, run_one, write, harmless=harmless,
+                              why_sequential=WHY_SEQUENTIAL)
 
 
 def run_method(seq: TaskSequence, workdir: str, name: str, method: Method) -> dict:

@@ -45,6 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.kd = ml_collections.ConfigDict(dict(
         methods=("balanced_softmax", "ekd", "ekd_fpg"),  # any of step.METHODS
         seeds=(0,),
+        parallel_seeds=True,  # a method's seeds as one program (jaxmed.train.seeds)
         teacher="",  # a jaxmed workdir (best checkpoint + its config.json model) or a .pth
         teacher_model="",  # a .pth's architecture: resnet18, resnet50, moco_v2_resnet50,
         # dinov2_vits14, dinov2_vitb14
@@ -146,8 +147,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
         return run.run_one(method, seed, run_workdir, sub, ds=ds, teacher_model=teacher,
                            mesh=mesh)
 
+    def run_group(method, seeds, run_workdirs, subs, group_dir):
+        if method not in step.STUDENT_ONLY:
+            teachers.record_identity(workdir, teacher)
+        return run.run_group(method, seeds, run_workdirs, subs, group_dir, ds=ds,
+                             teacher_model=teacher, mesh=mesh)
+
     return comparison.compare(workdir, config, "kd", run_one, write_report,
-                              harmless=HARMLESS_KEYS)
+                              harmless=HARMLESS_KEYS, run_group=run_group)
 
 
 __all__ = ["HARMLESS_KEYS", "METHODS", "check_config", "default_config", "train_and_evaluate"]

@@ -31,10 +31,20 @@ from jaxmed.data.pipeline import Preprocess, train_stream
 from jaxmed.methods.fopro_kd import objectives, step
 from jaxmed.methods.fopro_kd.heads import ProjectorHeads
 from jaxmed.train import build, sharding
+from jaxmed.train import seeds as train_seeds
 from jaxmed.train.evaluate import Evaluator
 from jaxmed.train.loop import NonFiniteLossError
-from jaxmed.train.run import (Durations, Run, durations, eval_preprocess, fit, loop_settings,
-                              run_meta, steps_per_epoch, stream_factory)
+from jaxmed.train.run import (
+    Durations,
+    Run,
+    durations,
+    eval_preprocess,
+    fit,
+    loop_settings,
+    run_meta,
+    steps_per_epoch,
+    stream_factory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -235,17 +245,20 @@ def fit_probe_stage(config, built: MethodSteps, ds, seed: int, mesh, learn_promp
     return out
 
 
-def run_one(method: str, seed: int, run_workdir: str, config, *, ds, teacher_model,
-            mesh) -> dict:
-    """The comparison's `run_one`: train and test one (method, seed) under its sub-config;
-    returns flat `test/...` metrics."""
+def build_student_run(method: str, seed: int, run_workdir: str, config, *, ds, teacher_model,
+                      mesh) -> Run:
+    """The kit `Run` of one (method, seed) under its sub-config, its FPG / probe stage trained
+    first where the method has one. `step_args`: the frozen teacher's variables (one object
+    for every seed: the seed axis shares it) and the seed's own probe (stacked)."""
     info, tcfg = ds.info, config.train
     built = build_method(config, method, seed, ds, teacher_model, mesh)
     state, teacher = built.state, built.teacher
+    probe = None
     if method == "ekd_fpg" or (method in step.LOGIT_KD and built.setup.teacher_logits == "probe"):
         stage = fit_probe_stage(config, built, ds, seed, mesh, method == "ekd_fpg", run_workdir)
         rep = sharding.replicated(mesh)
-        teacher = {**teacher, "probe": jax.device_put(stage["probe"], rep)}  # no round trip
+        probe = jax.device_put(stage["probe"], rep)
+        teacher = {**teacher, "probe": probe}  # no round trip
         if method == "ekd_fpg":
             state = state.replace(params={**state.params,
                                           "prompt": jax.device_put(stage["prompt"], rep)})
@@ -255,13 +268,45 @@ def run_one(method: str, seed: int, run_workdir: str, config, *, ds, teacher_mod
                           multi_label=False, num_workers=config.data.num_workers,
                           metrics_fn=functools.partial(long_tailed_metrics, groups=groups,
                                                        class_names=info.class_names))
-    step_fn, d = built.train_step, built.durations
-    state, final = fit(Run(
+    step_fn, d, setup = built.train_step, built.durations, built.setup
+
+    def pure_step(st, batch, variables, probe):
+        t = {} if variables is None else {"variables": variables}
+        if probe is not None:
+            t["probe"] = probe
+        return step.train_step(st, t, batch, setup=setup)
+
+    variables = None if teacher_model is None or method in step.STUDENT_ONLY else \
+        teacher_model.variables
+    return Run(
         mesh, state, lambda s, b: step_fn(s, teacher, b),
-        stream_factory(config, ds["train"], info, seed, d),
-        evaluator,
+        stream_factory(config, ds["train"], info, seed, d), evaluator,
         loop_settings(tcfg, d), tcfg.batch_size, d, run_meta(config, method=method, seed=seed),
-        ds=ds, evaluator=evaluator), run_workdir)
+        ds=ds, evaluator=evaluator, step=pure_step, step_args=(variables, probe))
+
+
+def run_one(method: str, seed: int, run_workdir: str, config, *, ds, teacher_model,
+            mesh) -> dict:
+    """The comparison's `run_one`: train and test one (method, seed) under its sub-config;
+    returns flat `test/...` metrics."""
+    run = build_student_run(method, seed, run_workdir, config, ds=ds,
+                            teacher_model=teacher_model, mesh=mesh)
+    return _result(run_workdir, *fit(run, run_workdir))
+
+
+def run_group(method: str, seeds, run_workdirs, configs, group_dir: str, *, ds, teacher_model,
+              mesh) -> list[dict]:
+    """The comparison's `run_group`: the seeds of one method trained together
+    (`train.seeds`: the frozen teacher shared, not stacked), each seed's result as
+    `run_one`'s."""
+    runs = [build_student_run(method, s, w, c, ds=ds, teacher_model=teacher_model, mesh=mesh)
+            for s, w, c in zip(seeds, run_workdirs, configs)]
+    fitted = train_seeds.fit_each(runs, run_workdirs, group_dir, what=f"kd {method}")
+    return [_result(w, st, final) for w, (st, final) in zip(run_workdirs, fitted)]
+
+
+def _result(run_workdir: str, state, final: dict) -> dict:
+    """Flat `test/...` metrics; a learnt prompt saved beside them (prompt.npz)."""
     if "prompt" in state.params and sharding.is_lead_process():
         save_npz(os.path.join(run_workdir, "prompt.npz"), jax.device_get(state.params["prompt"]))
     return {f"test/{k}": v for k, v in final.items()}

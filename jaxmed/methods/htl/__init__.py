@@ -70,6 +70,8 @@ def default_config() -> ml_collections.ConfigDict:
         task="segmentation",
         methods=METHODS,
         seeds=(0, 1, 2),
+        parallel_seeds=True,  # no seed axis yet: identification acts on each seed's state
+        # between steps (a state hook); the seeds run one after another, with a log line
         every_epochs=2,  # identification cadence K (first after K epochs)
         sparsities=(0.3, 0.5, 0.7, 0.9),  # global-magnitude levels, no fine-tuning
         iou_threshold=0.5,  # segmentation: a level disagrees when IoU(dense, pruned) < this
@@ -86,7 +88,7 @@ def default_config() -> ml_collections.ConfigDict:
     # semi_supervised: TEAR's block (split, mu, views, EMAs, ...); htl.methods / htl.seeds
     # drive the comparison, so TEAR's own methods / seeds keys are left out
     c.ssl = ml_collections.ConfigDict({k: v for k, v in tear.default_config().ssl.items()
-                                       if k not in ("methods", "seeds")})
+                                       if k not in ("methods", "seeds", "parallel_seeds")})
     # HTL identifies among the unlabeled images: the unlabeled stream holds them alone (USB's
     # include_lb_to_ulb is TEAR's default, not HTL's)
     c.ssl.include_labeled_in_unlabeled = False
@@ -212,4 +214,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
         workdir, config, "htl", run.run_one,
         lambda results: report.write_report(config, workdir, results,
                                             TASK_METRICS[config.htl.task]),
-        harmless=HARMLESS_KEYS)
+        harmless=HARMLESS_KEYS,
+        why_sequential="HTL's identification prunes each seed's own network between steps (a "
+                       "state hook, per seed)")

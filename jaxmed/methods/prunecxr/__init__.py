@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 STAGES = ("train", "sweep", "analyze")
 # Keys that choose what runs or how the report reads the sweeps, never what a run or a sweep
 # file holds: they may change when a study's workdir is resumed (e.g. stages=('analyze',)).
-HARMLESS_KEYS = ("stages", "prunecxr.num_runs", "prunecxr.chunk", "prunecxr.level_axis",
+HARMLESS_KEYS = ("stages", "prunecxr.num_runs", "prunecxr.parallel_seeds", "prunecxr.chunk",
+                 "prunecxr.level_axis",
                  "prunecxr.sweep_batch_size", "prunecxr.drop_threshold",
                  "prunecxr.change_level", "prunecxr.pie_level", "prunecxr.pie_fraction",
                  "prunecxr.pie_grid")
@@ -60,6 +61,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.stages = STAGES
     c.prunecxr = ml_collections.ConfigDict(dict(
         num_runs=30,
+        parallel_seeds=True,  # the runs trained together as one program (jaxmed.train.seeds;
+        # memory: every run's state and batch at once)
         checkpoints=(),  # existing models (jaxmed workdirs or .pt files) instead of training
         sparsities=DEFAULT_SPARSITIES,  # ascending, the first 0.0 (the dense model)
         prune_types=PRUNE_TYPES,

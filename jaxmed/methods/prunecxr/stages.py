@@ -30,6 +30,9 @@ from jaxmed.methods import supervised
 from jaxmed.models.convert import load_torch_checkpoint
 from jaxmed.pruning.sweep import make_forward, scores_for, sweep
 from jaxmed.train import build, comparison, sharding
+from jaxmed.train import seeds as train_seeds
+from jaxmed.train.run import build_run
+from jaxmed.train.workdir import write_config
 from jaxmed.train.evaluate import predict
 
 log = logging.getLogger(__name__)
@@ -56,19 +59,27 @@ def list_models(config, workdir: str) -> list[str]:
 
 
 def train_runs(config, workdir: str) -> list[str]:
-    """Train the runs that have no result.json yet; returns every run's directory."""
+    """Train the runs that have no result.json yet (with `prunecxr.parallel_seeds`, together
+    as one program: `train.seeds`; each keeps its own workdir); returns every run's
+    directory."""
     if config.prunecxr.checkpoints:
         log.info("using %d existing checkpoints; no training", len(config.prunecxr.checkpoints))
         return list_models(config, workdir)
-    dirs = []
-    for r in range(config.prunecxr.num_runs):
-        d = run_dir(workdir, r)
-        if comparison.read_result(d) is None:
-            run_cfg = run_config(config, config.seed + r)
-            log.info("PruneCXR: training run %d / %d in %s", r + 1, config.prunecxr.num_runs, d)
-            result = supervised.train_and_evaluate(run_cfg, d)
-            comparison.write_result(d, {"seed": config.seed + r, **result})
-        dirs.append(d)
+    n = config.prunecxr.num_runs
+    dirs = [run_dir(workdir, r) for r in range(n)]
+    todo = [r for r in range(n) if comparison.read_result(dirs[r]) is None]
+    if todo:
+        cfgs = [run_config(config, config.seed + r) for r in todo]
+        for c, r in zip(cfgs, todo):
+            write_config(c, dirs[r])
+        log.info("PruneCXR: training runs %s of %d", [r + 1 for r in todo], n)
+        group = os.path.join(workdir, "runs", "seeds_" + "-".join(str(c.seed) for c in cfgs))
+        fitted = train_seeds.fit_each([build_run(c) for c in cfgs], [dirs[r] for r in todo],
+                                      group, parallel=config.prunecxr.parallel_seeds,
+                                      what="PruneCXR training runs")
+        for c, r, (_, final) in zip(cfgs, todo, fitted):
+            comparison.write_result(dirs[r], {"seed": c.seed,
+                                              **{f"test/{k}": v for k, v in final.items()}})
     return dirs
 
 

@@ -52,6 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.schedule = "fixmatch_cosine"  # lr cos(7 pi k / 16 K) (FixMatch / TEAR reference)
     c.ssl = ml_collections.ConfigDict(dict(
         methods=("supervised", "fixmatch", "tear"), seeds=(0, 1, 2),
+        parallel_seeds=True,  # an algorithm's seeds as one program (jaxmed.train.seeds)
         num_labeled=0,  # > 0: stratified labeled subset of the train split; else the lists
         labeled_list="", unlabeled_list="",  # TEAR's TrainN.txt / Train_unlN.txt
         split_seed=0,  # the labeled subset (shared by every method and seed)
@@ -130,4 +131,4 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 if k in METRICS}
 
     return comparison.compare(workdir, config, "ssl", run.run_one, write,
-                              harmless=HARMLESS_KEYS)
+                              harmless=HARMLESS_KEYS, run_group=run.run_group)

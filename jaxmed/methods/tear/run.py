@@ -28,15 +28,27 @@ import jax
 import jax.numpy as jnp
 
 from jaxmed import data as data_lib
-from jaxmed.data.pipeline import Preprocess, TrainStream, TwoViews, semi_supervised_stream, \
-    train_stream
+from jaxmed.data.pipeline import (
+    Preprocess,
+    TrainStream,
+    TwoViews,
+    semi_supervised_stream,
+    train_stream,
+)
 from jaxmed.data.sources import ConcatSource, record_indices
 from jaxmed.methods.tear import algorithms
 from jaxmed.methods.tear import data as ssl_data
 from jaxmed.methods.tear.device_augment import strong_augment
-from jaxmed.methods.tear.step import Hyper, create_ssl_state, init_memory, make_eval_step, \
-    make_ssl_step
-from jaxmed.train import build, run as run_lib, sharding, steps
+from jaxmed.methods.tear.step import (
+    Hyper,
+    create_ssl_state,
+    init_memory,
+    make_eval_step,
+    make_ssl_step,
+)
+from jaxmed.train import build, sharding, steps
+from jaxmed.train import run as run_lib
+from jaxmed.train import seeds as train_seeds
 from jaxmed.train.evaluate import Evaluator, classification_metrics
 
 log = logging.getLogger(__name__)
@@ -116,7 +128,7 @@ def build_ssl_run(config, method: str, seed: int | None = None) -> run_lib.Run:
     state = jax.device_put(create_ssl_state(base, memory, num_slots), sharding.replicated(mesh))
     strong_fn = None
     if s.strong_on_device:
-        strong_fn = lambda rng, x: strong_augment(rng, x, cutout=s.cutout)  # noqa: E731
+        strong_fn = lambda rng, x: strong_augment(rng, x, cutout=s.cutout)
     step = make_ssl_step(model, tx, alg, hp, strong_fn=strong_fn,
                          unlabeled_labels=ssl_data.labels_by_index(unlabeled, num_slots))
     eval_step = steps.jit_eval_step(make_eval_step(
@@ -145,8 +157,8 @@ def build_ssl_run(config, method: str, seed: int | None = None) -> run_lib.Run:
 
     return run_lib.Run(
         mesh, state, steps.jit_train_step(step, mesh), make_stream, evaluator,
-        run_lib.loop_settings(tcfg, d), b, d, run_lib.run_meta(config, method=method),
-        model=model, tx=tx, ds=ds, evaluator=evaluator,
+        run_lib.loop_settings(tcfg, d), b, d, run_lib.run_meta(config, method=method, seed=seed),
+        model=model, tx=tx, ds=ds, evaluator=evaluator, step=step,
         extras={"labeled": labeled, "unlabeled": unlabeled, "unlabeled_stream": stream_u,
                 "hyper": hp, "algorithm": alg})
 
@@ -157,9 +169,26 @@ def run_one(method: str, seed: int, workdir: str, config, hooks=()) -> dict:
     start = time.time()
     run = build_ssl_run(config, method, seed)
     _, final = run_lib.fit(run, workdir, hooks=hooks)
-    result = {f"test/{k}": float(v) for k, v in final.items()}  # recall/<class name> included
-    result["time/run_s"] = time.time() - start
+    return _result(run, final, time.time() - start)
+
+
+def run_group(method: str, seeds, workdirs, configs, group_dir: str) -> list[dict]:
+    """The comparison's `run_group`: the seeds of one algorithm trained together
+    (`train.seeds`; every state memory stacked per seed), each seed's result as `run_one`'s;
+    `time/run_s` is the group's wall time divided by its seeds."""
+    start = time.time()
+    runs = [build_ssl_run(c, method, s) for c, s in zip(configs, seeds)]
+    fitted = train_seeds.fit_each(runs, workdirs, group_dir, what=f"ssl {method}")
+    per_seed = (time.time() - start) / len(runs)
+    return [_result(r, final, per_seed) for r, (_, final) in zip(runs, fitted)]
+
+
+def _result(run: run_lib.Run, final: dict, seconds: float) -> dict:
+    """Flat final metrics of one seed, per-class recall by class name included."""
+    result = {f"test/{k}": float(v) for k, v in final.items()}
+    result["time/run_s"] = seconds
     result["data/num_labeled"] = float(len(run.extras["labeled"]))
     result["data/num_unlabeled"] = float(len(run.extras["unlabeled"]))
-    log.info("%s seed %d: %s", method, seed, {k: round(v, 4) for k, v in result.items()})
+    log.info("%s seed %s: %s", run.meta.get("method"), run.meta.get("seed"),
+             {k: round(v, 4) for k, v in result.items()})
     return result

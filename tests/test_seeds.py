@@ -1,0 +1,240 @@
+"""The seed axis (`jaxmed.train.seeds`): S seeds trained as one program are the S sequential
+runs (per-seed metrics and params), compiled once, each seed selecting and stopping on its
+own, resumable after SIGKILL, placed on the mesh's `seed` axis; TEAR and FoPro-KD through it."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from jaxmed.train import comparison, seeds
+from jaxmed.train import run as run_lib
+from jaxmed.train.checkpoint import Checkpointer
+from jaxmed.train.writers import read_metrics
+from tests.configs import tiny
+from tests.conftest import run_python
+
+SEEDS = (0, 1, 2)
+
+
+def flat(params) -> dict:
+    return traverse_util.flatten_dict(jax.device_get(params), sep="/")
+
+
+def assert_params_close(a, b, atol=2e-3):
+    a, b = flat(a), flat(b)
+    assert a.keys() == b.keys()
+    for k in b:
+        np.testing.assert_allclose(a[k], b[k], atol=atol, rtol=1e-3, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory):
+    """The reference: each seed of the tiny supervised config trained alone by `fit`."""
+    d = tmp_path_factory.mktemp("sequential")
+    return {s: (*run_lib.fit(run_lib.build_run(tiny.get_config(), s), str(d / f"seed_{s}")),
+                str(d / f"seed_{s}")) for s in SEEDS}
+
+
+SCRIPT = "tests/scripts/seeds_group.py"
+
+
+@pytest.fixture(scope="module")
+def script_run(tmp_path_factory):
+    """tests/scripts/seeds_group.py uninterrupted: seeds 0, 1 in one process."""
+    out = str(tmp_path_factory.mktemp("script"))
+    run_python([SCRIPT, out, "0,1"])
+    return out
+
+
+@pytest.mark.parametrize("batching", ["unroll", "vmap"])
+def test_seeds_in_one_program_are_the_sequential_runs(sequential, tmp_path, batching):
+    traces = []
+    runs = []
+    for s in SEEDS:
+        r = run_lib.build_run(tiny.get_config(), s)
+
+        def counted(state, batch, _step=r.step):
+            traces.append(1)  # once per trace of the group's program (unroll: once per seed)
+            return _step(state, batch)
+        runs.append(dataclasses.replace(r, step=counted))
+    dirs = [str(tmp_path / f"seed_{s}") for s in SEEDS]
+    out = seeds.fit_seeds(runs, dirs, str(tmp_path / "group"), batching=batching)
+    assert len(traces) == (len(SEEDS) if batching == "unroll" else 1)  # compiled once
+    for s, d, (state, final) in zip(SEEDS, dirs, out):
+        want_state, want, want_dir = sequential[s]
+        assert final.keys() == want.keys()
+        for k in want:
+            np.testing.assert_allclose(final[k], want[k], rtol=1e-4, atol=1e-4, err_msg=k)
+        assert_params_close(state.params, want_state.params)
+        got_m, want_m = read_metrics(f"{d}/metrics.jsonl"), read_metrics(f"{want_dir}/metrics.jsonl")
+        assert got_m.keys() == want_m.keys()  # the same steps logged, each in its own file
+        for step in want_m:
+            for k, v in want_m[step].items():
+                if k != "train/images_per_sec":
+                    np.testing.assert_allclose(got_m[step][k], v, rtol=1e-3, atol=1e-4,
+                                               err_msg=f"{k} at {step}")
+    assert len({round(f["loss"], 6) for _, f in out}) == len(SEEDS)  # each seed its own run
+
+
+def planted(run, best_at: int):
+    """The run with a planted validation loss |step - best_at| and a test split that reports
+    the step of the state it is given (the state final evaluation selected)."""
+    def evaluate(state, split):
+        step = int(jax.device_get(state.step))
+        return {"loss": float(abs(step - best_at))} if split == "val" else {"step": step}
+    return dataclasses.replace(run, evaluate=evaluate)
+
+
+def test_each_seed_selects_and_stops_on_its_own(tmp_path):
+    cfg = tiny.get_config()
+    cfg.train.eval_every, cfg.train.early_stop_metric, cfg.train.patience = 2, "val/loss", 2
+    best = {0: 2, 1: 8, 2: 4}  # seed 0 stops at step 6, seed 2 at 8, seed 1 runs to 12
+
+    def runs():
+        return [planted(run_lib.build_run(cfg, s), best[s]) for s in SEEDS]
+    dirs = [str(tmp_path / f"par_{s}") for s in SEEDS]
+    out = seeds.fit_seeds(runs(), dirs, str(tmp_path / "group"))
+    seq = [run_lib.fit(r, str(tmp_path / f"seq_{s}")) for s, r in zip(SEEDS, runs())]
+    for s, d, (state, final), (want_state, want) in zip(SEEDS, dirs, out, seq):
+        assert final["step"] == want["step"] == best[s]
+        assert_params_close(state.params, want_state.params)
+        train_steps = [k for k, v in read_metrics(f"{d}/metrics.jsonl").items()
+                       if "train/loss" in v]
+        assert max(train_steps) == {0: 6, 1: 12, 2: 8}[s]  # a stopped seed logs no more
+    ck = Checkpointer(str(tmp_path / "group" / "checkpoints"), keep=0)
+    saved, meta = ck.restore_raw()
+    ck.close()
+    # a stopped seed is frozen in the stacked state (not trained on while the others go on)
+    np.testing.assert_array_equal(saved["state"]["step"], [6, 12, 8])
+    np.testing.assert_array_equal(saved["best"]["step"], [2, 8, 4])
+    assert [b["best_step"] for b in meta["loop"]["seeds"]] == [2, 8, 4]
+
+
+def test_a_seed_that_goes_non_finite_is_named(tmp_path):
+    cfg = tiny.get_config()
+    cfg.train.lr = 1e30  # diverges within a few steps
+    runs = [run_lib.build_run(cfg, s) for s in (0, 5)]
+    with pytest.raises(FloatingPointError, match=r"seed (0|5) \(.*par_(0|5)\): train/"):
+        seeds.fit_seeds(runs, [str(tmp_path / f"par_{s}") for s in (0, 5)],
+                        str(tmp_path / "group"))
+
+
+def test_runs_that_cannot_stack_say_why():
+    cfg = tiny.get_config()
+    r = run_lib.build_run(cfg, 0)
+    assert "pure function" in seeds.cannot_stack([r, dataclasses.replace(r, step=None)])
+    cfg.pruning.criterion = "magnitude"
+    pruned = run_lib.build_run(cfg, 1)
+    assert "state hooks" in seeds.cannot_stack([pruned, pruned])
+    assert seeds.cannot_stack([r, run_lib.build_run(tiny.get_config(), 1)]) == ""
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def load(out, group):
+    with np.load(os.path.join(out, group, "result.npz")) as z:
+        return {k: z[k] for k in z.files}
+
+
+def test_sigkill_mid_group_then_resume_gives_the_uninterrupted_result(script_run, tmp_path):
+    full, killed = script_run, str(tmp_path / "killed")
+    # killed at the fetch of batch 7, after the checkpoint of step 4 committed
+    proc = run_python([SCRIPT, killed, "0,1", "4", "7"], check=False)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    resumed = run_python([SCRIPT, killed, "0,1"])
+    assert "resuming 2 seeds from checkpoint step 4" in resumed.stdout
+    a, b = load(full, "seeds_0-1"), load(killed, "seeds_0-1")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    steps = sorted(read_metrics(os.path.join(killed, "seeds_0-1", "seed_1", "metrics.jsonl")))
+    assert steps == sorted(read_metrics(os.path.join(full, "seeds_0-1", "seed_1",
+                                                     "metrics.jsonl")))
+
+
+def test_eight_devices_put_the_seeds_on_the_seed_axis(sequential, tmp_path):
+    out = str(tmp_path / "eight")
+    run_python([SCRIPT, out, "0,1,2,3;0,1,2,3,4,5,6,7"], devices=8)
+    four, eight = (read_json(os.path.join(out, g, "placement.json"))
+                   for g in ("seeds_0-1-2-3", "seeds_0-1-2-3-4-5-6-7"))
+    assert four["mesh"] == {"seed": 4, "data": 2} and eight["mesh"] == {"seed": 8, "data": 1}
+    assert four["spec"][0] == eight["spec"][0] == "seed"
+    assert four["seed_devices"] == {str(i): [2 * i, 2 * i + 1] for i in range(4)}
+    assert eight["seed_devices"] == {str(i): [i] for i in range(8)}
+    for group in ("seeds_0-1-2-3", "seeds_0-1-2-3-4-5-6-7"):
+        got = load(out, group)
+        for s in SEEDS:  # each seed on its devices is still the sequential run
+            want_state, want, _ = sequential[s]
+            np.testing.assert_allclose(got[f"{s}/test_loss"], want["loss"], rtol=1e-4)
+            for k, v in flat(want_state.params).items():
+                np.testing.assert_allclose(got[f"{s}/{k}"], v, atol=2e-3, rtol=1e-3)
+
+
+def test_one_cpu_device_runs_seeds_one_after_another_unless_asked(monkeypatch):
+    mesh = seeds.seed_mesh(3, jax.devices()[:1])
+    assert dict(mesh.shape) == {"seed": 1, "data": 1}
+    monkeypatch.delenv(seeds.ON_CPU, raising=False)
+    assert seeds.default_batching(mesh) == ""  # measured slower there (RESULTS.md)
+    monkeypatch.setenv(seeds.ON_CPU, "unroll")
+    assert seeds.default_batching(mesh) == "unroll"
+    monkeypatch.setenv(seeds.ON_CPU, "pmap")
+    with pytest.raises(ValueError, match="JAXMED_SEEDS_ON_CPU='pmap'"):
+        seeds.default_batching(mesh)
+
+
+def read_results(workdir, method, seeds_):
+    return [comparison.read_result(comparison.run_dir(workdir, method, s)) for s in seeds_]
+
+
+def test_tear_algorithm_with_memories_parallel_is_sequential(tmp_path, monkeypatch):
+    from configs.tear import quick
+    from jaxmed.methods import tear
+
+    monkeypatch.setenv(seeds.ON_CPU, "unroll")  # (one CPU device: else one after another)
+    got = {}
+    for par in (True, False):
+        c = quick.get_config("tiny")
+        c.ssl.methods, c.ssl.seeds, c.ssl.parallel_seeds = ("flexmatch",), (0, 1), par
+        w = str(tmp_path / str(par))
+        tear.train_and_evaluate(c, w)
+        got[par] = read_results(w, "flexmatch", (0, 1))
+        assert os.path.isdir(comparison.group_dir(w, "flexmatch", (0, 1))) == par
+    for a, b in zip(got[True], got[False]):
+        for k, v in b.items():
+            if k.startswith("test/"):
+                np.testing.assert_allclose(a[k], v, atol=1e-4, err_msg=k)
+    assert got[True][0]["test/loss"] != got[True][1]["test/loss"]
+
+
+def test_ekd_with_a_shared_teacher_parallel_is_sequential(tmp_path):
+    from jaxmed import data as data_lib
+    from jaxmed.methods.fopro_kd import run as kd_run
+    from jaxmed.methods.fopro_kd import teachers
+    from jaxmed.train import sharding
+    from tests.test_fopro_kd import tiny_config
+
+    config = tiny_config()
+    teacher = teachers.from_workdir(teachers.train_teacher_stage(config, str(tmp_path / "t")),
+                                    config.data.image_size)
+    ds, mesh = data_lib.build(config.data), sharding.make_mesh()
+
+    def runs(tag):
+        return [kd_run.build_student_run("ekd", s, str(tmp_path / f"{tag}{s}"), config, ds=ds,
+                                         teacher_model=teacher, mesh=mesh) for s in (0, 1)]
+    par_runs = runs("p")
+    assert par_runs[0].step_args[0] is par_runs[1].step_args[0]  # one teacher, not stacked
+    par = seeds.fit_seeds(par_runs, [str(tmp_path / f"p{s}") for s in (0, 1)],
+                          str(tmp_path / "group"))
+    seq = [run_lib.fit(r, str(tmp_path / f"s{s}")) for s, r in zip((0, 1), runs("s"))]
+    for (a, fa), (b, fb) in zip(par, seq):
+        for k in fb:
+            np.testing.assert_allclose(fa[k], fb[k], atol=1e-4, err_msg=k)
+        assert_params_close(a.params, b.params)
