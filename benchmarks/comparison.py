@@ -1,6 +1,7 @@
 r"""Seeds in parallel vs one after another (issue 21): wall time and images/s of one method's
-S seeds trained as one program (`config.<section>.parallel_seeds=True`, jaxmed.train.seeds)
-against the same S seeds run one after another (`False`), each a fresh
+S seeds trained as one program (`config.<section>.parallel_seeds=True`, jaxmed.train.seeds;
+on a one-device CPU forced with JAXMED_SEEDS_ON_CPU=unroll, which this script sets) against the
+same S seeds run one after another (`False`), each a fresh
 `python -m jaxmed.main` comparison in an empty workdir (so both pay what a user pays: imports,
 data, compiles — main's persistent XLA cache lets sequential seeds after the first reuse the
 first seed's programs —, evaluation, checkpoints, the report).
@@ -62,12 +63,15 @@ def one(family: str, seeds: int, parallel: bool, steps: int, root: str, extra: l
            f"--config.{section}.methods=('{method}',)", f"--config.{section}.seeds={seed_tuple}",
            f"--config.{section}.parallel_seeds={parallel}", f"--config.train.steps={steps}",
            "--config.train.progress=False", *extra]
+    env = dict(os.environ)
+    if parallel:  # a one-device CPU trains seeds one after another unless asked (seeds.py)
+        env.setdefault("JAXMED_SEEDS_ON_CPU", "unroll")
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
-    together = "as one program" in proc.stdout
+    together = f"{seeds} seeds as one program (" in proc.stdout
     if parallel and seeds > 1 and not together:
         raise RuntimeError(f"{family}: parallel_seeds=True did not train the seeds together")
     return {"family": family, "method": method, "seeds": seeds,

@@ -35,6 +35,7 @@ import numpy as np
 
 from jaxmed.config_check import InputError
 from jaxmed.report import write_csv
+from jaxmed.train import seeds as seeds_lib
 from jaxmed.train import sharding
 
 log = logging.getLogger(__name__)
@@ -130,8 +131,9 @@ def run_all(workdir: str, config, section: str,
     of final metrics (floats; the same on every process; other JSON values are kept for the
     method's report). Finished sub-runs are read back, not rerun. With
     `config.<section>.parallel_seeds` and a `run_group` (see `_run_group`), a method's
-    unfinished seeds train together (`train.seeds`); without one (`why_sequential` says why,
-    in a log line) they run one after another."""
+    unfinished seeds train together (`train.seeds`) where the backend gains from it
+    (`seeds.backend_reason`); otherwise (a log line says why: the backend, or
+    `why_sequential` for a method without one) each runs and finishes in turn."""
     from jaxmed.train.workdir import write_config
 
     s = config[section]
@@ -142,18 +144,20 @@ def run_all(workdir: str, config, section: str,
         for seed in s.seeds:
             d = run_dir(workdir, method, seed)
             sub = sub_config(config, section, method, seed)
-            _supersede_if_changed(workdir, sub, d, harmless)
+            supersede_if_changed(workdir, sub, d, harmless)
             result = read_result(d)
             if result is None:
                 todo.append((seed, d, sub))
             else:
                 done[seed] = result
-        if parallel and run_group is not None and len(todo) > 1:
+        reason = seeds_lib.backend_reason(parallel, len(todo))
+        if not reason and run_group is None:
+            reason = why_sequential or "no seed axis for this method"
+        if not reason:
             done.update(_run_group(workdir, config, section, method, todo, run_group, harmless))
         else:
             if parallel and len(todo) > 1:
-                log.info("%s: its %d seeds run one after another (%s)", method, len(todo),
-                         why_sequential or "no seed axis for this method")
+                seeds_lib.say_sequential(f"{section} {method}", len(todo), reason)
             for seed, d, sub in todo:  # every process takes part in the run; the lead writes
                 write_config(sub, d, harmless=harmless)
                 done[seed] = _finish(d, run_one(method, seed, d, sub))
@@ -182,7 +186,7 @@ def _run_group(workdir, config, section, method, todo, run_group, harmless) -> d
     g = group_dir(workdir, method, seeds)
     gsub = ml_collections.ConfigDict(todo[0][2].to_dict())
     gsub[section].seeds, gsub.seed = tuple(seeds), int(seeds[0])
-    _supersede_if_changed(workdir, gsub, g, harmless)
+    supersede_if_changed(workdir, gsub, g, harmless)
     write_config(gsub, g, harmless=harmless)
     for _, d, sub in todo:
         write_config(sub, d, harmless=harmless)
@@ -193,7 +197,7 @@ def _run_group(workdir, config, section, method, todo, run_group, harmless) -> d
     return {seed: _finish(d, r) for (seed, d, _), r in zip(todo, out)}
 
 
-def _supersede_if_changed(workdir: str, sub, d: str, harmless: tuple[str, ...]) -> None:
+def supersede_if_changed(workdir: str, sub, d: str, harmless: tuple[str, ...]) -> None:
     """Move a sub-run made under another config aside (`<d>.old<k>`) and record it. The
     comparison's own config check has passed (or the change was accepted), so the difference is
     one the user asked for; the old sub-run is kept, never resumed or reported."""

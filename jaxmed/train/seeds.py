@@ -18,13 +18,12 @@ gradient all-reduce) and each seed's batch is sharded on 'data' otherwise (acros
 too: every process feeds its rows of every seed's batch).
 
 Batching: `jax.vmap` (with `spmd_axis_name='seed'`) on GPU / TPU and on multi-device meshes.
-On a one-device CPU a comparison runs its seeds one after another (`fit_each`), because there
-nothing made one program faster (benchmarks/RESULTS.md, 2026-12-03: the seed axis): XLA:CPU
-runs a vmapped convolution (per-seed kernels become a grouped convolution) 2-3x slower per
-seed than S separate ones; S copies unrolled in one program run their steps 1.2x faster but
-compile S times the program, while sequential runs compile once (main's persistent XLA cache
-serves seeds 2..S), so whole comparisons came out 0.7-1.0x. `JAXMED_SEEDS_ON_CPU=unroll`
-(or `vmap`) forces the one program there; `fit_seeds` called directly unrolls.
+On a one-device CPU a comparison runs its seeds one after another (`backend_reason`): there
+neither batching made one program faster than S runs (XLA:CPU turns a vmapped convolution
+into a slow grouped one; an unrolled program compiles S copies while sequential runs share
+one compile through main's persistent cache; figures: benchmarks/RESULTS.md, 2026-12-03, the
+seed axis). `JAXMED_SEEDS_ON_CPU=unroll` (or `vmap`) forces the one program there;
+`fit_seeds` called directly unrolls.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -122,7 +122,8 @@ def cannot_stack(runs: Sequence[Any]) -> str:
     if any(r.state_hooks for r in runs):
         return ("it acts on each seed's state between steps (state hooks: pruning schedules, "
                 "HTL's identification)")
-    shapes = [jax.tree.map(lambda x: (np.shape(x), np.asarray(x).dtype.str), r.state)
+    shapes = [jax.tree.map(lambda x: (np.shape(x), np.dtype(getattr(x, "dtype", None) or
+                                                             np.asarray(x).dtype).str), r.state)
               for r in runs]
     if any(jax.tree.structure(s) != jax.tree.structure(shapes[0]) or s != shapes[0]
            for s in shapes):
@@ -293,7 +294,8 @@ def fit_seeds(runs: Sequence[Any], workdirs: Sequence[str], group_dir: str, *,
                         raise NonFiniteLossError(
                             f"seed {runs[i].meta.get('seed', i)} ({workdirs[i]}): train/{k} "
                             f"is {float(m[k])} at step {s}: runs stopped. Last good checkpoint"
-                            f" of the seeds: step {ckpt.latest_step()} in {ckpt.directory}")
+                            f" of the seeds: step {ckpt.latest_step()} in {ckpt.directory}; "
+                            "parallel_seeds=False trains the other seeds on their own")
             if rows:
                 means = {f"train/{k}": float(np.mean([m[k] for _, m in rows]))
                          for k in rows[0][1]}
@@ -373,7 +375,14 @@ def _save_own(workdir: str, state, meta: dict) -> None:
     """The seed's final (selected) state as the one checkpoint of its own workdir, as a
     sequential run's best / last one: what reads a finished run (PruneCXR's sweeps, a
     FoPro-KD teacher, a user) finds it where `fit` would have left it."""
-    ck = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1)
+    path = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(path) and sharding.is_lead_process():  # an earlier, sequential attempt's
+        aside = path + ".sequential_attempt"
+        if os.path.exists(aside):
+            shutil.rmtree(aside)
+        os.replace(path, aside)
+    sharding.barrier("jaxmed_seed_checkpoint")
+    ck = Checkpointer(path, keep=1)
     try:
         ck.save(int(jax.device_get(state.step)), state, meta=meta)
     finally:
@@ -399,21 +408,36 @@ def _select_and_stop(results: list[dict], step: int, books: list[dict], writers,
     return improved
 
 
+def backend_reason(parallel: bool, num_seeds: int) -> str:
+    """Why `num_seeds` seeds would not train as one program here, before any is built ('' when
+    they would): parallel_seeds off, one seed, or a one-device CPU (see `default_batching`).
+    Callers that get a reason train their seeds one after another the usual way, each built
+    and finished (result.json) before the next."""
+    if not parallel:
+        return "parallel_seeds is False"
+    if num_seeds < 2:
+        return "one seed"
+    if not default_batching(seed_mesh(num_seeds)):
+        return (f"one CPU device, where S seeds as one program measured slower than S runs "
+                f"(benchmarks/RESULTS.md; {ON_CPU}=unroll forces it)")
+    return ""
+
+
 def fit_each(runs: Sequence[Any], workdirs: Sequence[str], group_dir: str, *,
-             parallel: bool = True, what: str = "") -> list[tuple[Any, dict]]:
-    """`fit_seeds` when `parallel` and the runs can stack, else `fit` one after another (with a
-    log line saying why)."""
+             what: str = "") -> list[tuple[Any, dict]]:
+    """`fit_seeds` when the (built) runs can stack, else `fit` one after another with a log
+    line saying why. Callers check `backend_reason` first."""
     from jaxmed.train.run import fit
 
-    reason = "" if parallel else "parallel_seeds is False"
-    if parallel and len(runs) > 1:
-        reason = cannot_stack(runs)
-    if not reason and len(runs) > 1 and not default_batching(seed_mesh(len(runs))):
-        reason = (f"one CPU device, where S seeds as one program run slower than S runs "
-                  f"(benchmarks/RESULTS.md; {ON_CPU}=unroll to time it)")
+    reason = cannot_stack(runs) if len(runs) > 1 else ""
     if len(runs) > 1 and not reason:
         return fit_seeds(runs, workdirs, group_dir)
     if len(runs) > 1:
-        log.info("%s: %d seeds one after another: %s", what or group_dir, len(runs), reason)
-        print(f"{what or group_dir}: {len(runs)} seeds one after another ({reason})", flush=True)
+        say_sequential(what or group_dir, len(runs), reason)
     return [fit(r, w) for r, w in zip(runs, workdirs)]
+
+
+def say_sequential(what: str, num_seeds: int, reason: str) -> None:
+    """The log line of seeds that train one after another."""
+    log.info("%s: %d seeds one after another: %s", what, num_seeds, reason)
+    print(f"{what}: {num_seeds} seeds one after another ({reason})", flush=True)

@@ -31,9 +31,9 @@ from jaxmed.models.convert import load_torch_checkpoint
 from jaxmed.pruning.sweep import make_forward, scores_for, sweep
 from jaxmed.train import build, comparison, sharding
 from jaxmed.train import seeds as train_seeds
+from jaxmed.train.evaluate import predict
 from jaxmed.train.run import build_run
 from jaxmed.train.workdir import write_config
-from jaxmed.train.evaluate import predict
 
 log = logging.getLogger(__name__)
 
@@ -68,18 +68,27 @@ def train_runs(config, workdir: str) -> list[str]:
     n = config.prunecxr.num_runs
     dirs = [run_dir(workdir, r) for r in range(n)]
     todo = [r for r in range(n) if comparison.read_result(dirs[r]) is None]
-    if todo:
-        cfgs = [run_config(config, config.seed + r) for r in todo]
+    cfgs = [run_config(config, config.seed + r) for r in todo]
+    reason = train_seeds.backend_reason(config.prunecxr.parallel_seeds, len(todo))
+    if todo and not reason:
+        log.info("PruneCXR: training runs %s of %d together", [r + 1 for r in todo], n)
+        group = os.path.join(workdir, "runs", "seeds_" + "-".join(str(c.seed) for c in cfgs))
+        comparison.supersede_if_changed(workdir, cfgs[0], group, ())
+        write_config(cfgs[0], group)  # the first run's; its name lists the others' seeds
         for c, r in zip(cfgs, todo):
             write_config(c, dirs[r])
-        log.info("PruneCXR: training runs %s of %d", [r + 1 for r in todo], n)
-        group = os.path.join(workdir, "runs", "seeds_" + "-".join(str(c.seed) for c in cfgs))
         fitted = train_seeds.fit_each([build_run(c) for c in cfgs], [dirs[r] for r in todo],
-                                      group, parallel=config.prunecxr.parallel_seeds,
-                                      what="PruneCXR training runs")
+                                      group, what="PruneCXR training runs")
         for c, r, (_, final) in zip(cfgs, todo, fitted):
             comparison.write_result(dirs[r], {"seed": c.seed,
                                               **{f"test/{k}": v for k, v in final.items()}})
+        return dirs
+    if len(todo) > 1 and config.prunecxr.parallel_seeds:
+        train_seeds.say_sequential("PruneCXR training runs", len(todo), reason)
+    for c, r in zip(cfgs, todo):  # each built, trained and finished in turn
+        log.info("PruneCXR: training run %d / %d in %s", r + 1, n, dirs[r])
+        result = supervised.train_and_evaluate(c, dirs[r])
+        comparison.write_result(dirs[r], {"seed": c.seed, **result})
     return dirs
 
 
