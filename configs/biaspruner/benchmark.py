@@ -10,7 +10,11 @@ biaspruner_magnitude), and where each ranking puts task 0's shortcut units:
     python benchmarks/biaspruner_units.py --config=configs/biaspruner/benchmark.py \
         --out=bench_out/biaspruner_units_benchmark.json
 
-(`:layer_normalised`, `:absolute` likewise; runtime and result of both: not yet measured.)
+(`:layer_normalised`, `:absolute` likewise.) Measured 2026-12-03 (5 seeds, mean +- SE, CPU VM,
+niced beside other jobs): layer_normalised final ACC 0.875 +- 0.027, EOdd 0.281 +- 0.074
+(42 min); class_conditional 0.964 +- 0.009, EOdd 0.071 +- 0.013 (21 min), level with the
+magnitude ablation below and beyond 2 SE of the paper's score; absolute: not yet run. The
+unit analysis: benchmarks/RESULTS.md (issue 23).
 
 Data (jaxmed.data.synthetic_bias, in the spirit of Colored MNIST): two binary tasks with their
 own classes and look, task 0 plus vs cross on a blue-grey striped background, task 1 square vs
