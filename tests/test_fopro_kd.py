@@ -425,6 +425,42 @@ def test_verdict_lines_say_why_not_with_the_figures():
         "balanced_softmax 0.300 ± 0.050 over 2 / 3 seeds" + why]
 
 
+def test_verdict_lines_cover_every_kd_method_balanced_kd_included():
+    from types import SimpleNamespace
+
+    from jaxmed.methods.fopro_kd import report
+
+    def row(tail, std):
+        return {"seeds": 3, "test/tail_acc": tail, "test/tail_acc_std": std}
+
+    assert set(report.KD_METHODS) == set(step.METHODS) - set(step.STUDENT_ONLY)
+    summary = {"balanced_softmax": row(0.30, 0.05), "balanced_kd": row(0.34, 0.02),
+               "hinton_kd": row(0.10, 0.02)}
+    info = SimpleNamespace(class_counts=np.array([50, 5, 20]), class_names=["a", "b", "c"])
+    lines = report.verdict_lines(summary, tiny_config(), info, None)
+    assert lines[2] == ("- balanced_kd vs balanced_softmax on test/tail_acc: 0.340 ± 0.020 vs "
+                        "0.300 ± 0.050 (gap +0.040, 2 SE 0.062, 3 / 3 seeds): within noise")
+    assert lines[3].startswith("  - why not: gap +0.040 within 2 standard errors")
+
+
+@pytest.mark.parametrize("key,bad,msg", [
+    ("cb_reduction", "sum", r"config.kd.cb_reduction='sum': one of \('weighted', 'mean'\)"),
+    ("cb_reduction", "", "config.kd.cb_reduction=''"),
+    ("w_kd_ramp", 1.0, r"config.kd.w_kd_ramp=1.0: 0 \(off\) or .*\(0, 1\)"),
+    ("w_kd_ramp", -0.2, "config.kd.w_kd_ramp=-0.2"),
+])
+def test_check_config_refuses_cb_reduction_and_w_kd_ramp_naming_the_key(key, bad, msg):
+    from jaxmed import main
+    from jaxmed.config_check import ConfigKeyError
+
+    c = tiny_config(**{key: bad})
+    with pytest.raises(ValueError, match=msg):
+        fopro_kd.check_config(c)
+    with pytest.raises(ConfigKeyError, match=msg):  # main's "config error", before any work
+        main.validate(c)
+    fopro_kd.check_config(tiny_config(cb_reduction="mean", w_kd_ramp=0.3))
+
+
 def test_setup_from_config_takes_the_kd_keys_by_name():
     kd = tiny_config(w_kd=1.5, temperature=2.0, ldam_scale=7.0, cb_beta=0.99, la_tau=0.3,
                      drw_start=0.5, kd_class_weights=True).kd

@@ -14,8 +14,10 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
+from jaxmed.data import longtail
 from jaxmed.data.images import ImageError, decode_image
-from jaxmed.data.sources import DatasetInfo, TableSource, class_counts, source_labels
+from jaxmed.data.sources import (DatasetInfo, SubsetSource, TableSource, class_counts,
+                                 source_labels)
 from jaxmed.data.synthetic import SyntheticSource, SyntheticSpec
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train_augment = "flip"  # host augmentation chain (jaxmed.data.augment)
     c.on_error = "raise"  # 'raise' or 'skip' for missing / corrupt images
     c.num_workers = 0  # grain worker processes for decode + augment
+    c.train_imbalance = 1.0  # < 1: a long-tailed subsample of the train split, n_min / n_max
+    # (jaxmed.data.longtail; info.class_counts are then the subsample's)
+    c.split_seed = 0  # which images the long-tailed subsample keeps
     c.val_fraction = 0.1  # when a dataset has no official validation split (group-wise)
     c.test_fraction = 0.2  # when a dataset has no official test split (group-wise)
     c.synthetic = ml_collections.ConfigDict(dict(
@@ -112,6 +117,9 @@ def build(cfg, *, check_files: bool = True) -> Dataset:
         if cfg.on_error == "skip":
             for split, source in ds.splits.items():
                 check_usable(source, split, ds.info.name)
+    imbalance = cfg.get("train_imbalance", 1.0)
+    if imbalance != 1.0 and "train" in ds.splits:
+        long_tail(ds, imbalance, int(cfg.get("split_seed", 0)), data_origin(cfg))
     stated = int(cfg.get("num_classes", 0) or 0)
     if stated and stated != ds.info.num_classes:
         raise ValueError(f"config.data.num_classes={stated} but {ds.info.name} "
@@ -123,6 +131,21 @@ def build(cfg, *, check_files: bool = True) -> Dataset:
         ds.info.class_counts = class_counts(labels["train"], ds.info.num_classes)
     check_classes_in_train(ds, labels, data_origin(cfg), stated=bool(stated))
     return ds
+
+
+def long_tail(ds: Dataset, imbalance: float, seed: int, origin: str = "") -> None:
+    """Replace the train split by its long-tailed subsample (`jaxmed.data.longtail`), with
+    `info.class_counts` the subsample's; records keep their stable `index`."""
+    source = ds.splits["train"]
+    where = f"the train split of {ds.info.name}" + (f" ({origin})" if origin else "")
+    keep = longtail.subsample_indices(source_labels(source), imbalance, seed,
+                                      class_names=ds.info.class_names, where=where)
+    ds.splits["train"] = (source.subset(keep) if isinstance(source, TableSource)
+                          else SubsetSource(source, keep))
+    ds.info.class_counts = class_counts(source_labels(ds.splits["train"]), ds.info.num_classes)
+    log.info("%s: long-tailed subsample (train_imbalance=%g, split_seed=%d): %d of %d images, "
+             "class counts %s", where, imbalance, seed, len(keep), len(source),
+             ds.info.class_counts.tolist())
 
 
 def check_config(cfg) -> None:
@@ -138,6 +161,10 @@ def check_config(cfg) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n == 1:
         raise ValueError(f"config.data.num_classes={n!r}: 0 (the class count from the data) "
                          "or the number of classes (>= 2)")
+    longtail.check_imbalance(cfg.get("train_imbalance", 1.0))
+    seed = cfg.get("split_seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"config.data.split_seed={seed!r}: an integer seed")
     if cfg.name == "synthetic" and "synthetic" in cfg:
         s = cfg.synthetic
         for key in ("imbalance", "test_imbalance"):
@@ -289,8 +316,8 @@ def image_channels(cfg, info: DatasetInfo) -> int:
     return int(cfg.channels) if cfg.channels else info.channels
 
 
-__all__ = ["BUILDERS", "Dataset", "DatasetInfo", "ImageError", "SPLITS", "SyntheticSource",
-           "SyntheticSpec", "TableSource", "build", "check_classes_in_train", "check_config",
-           "check_disjoint", "check_usable", "data_origin",
+__all__ = ["BUILDERS", "Dataset", "DatasetInfo", "ImageError", "SPLITS", "SubsetSource",
+           "SyntheticSource", "SyntheticSpec", "TableSource", "build", "check_classes_in_train",
+           "check_config", "check_disjoint", "check_usable", "data_origin",
            "class_counts", "decode_image", "default_config", "image_channels", "image_size",
-           "register", "source_labels"]
+           "long_tail", "register", "source_labels"]

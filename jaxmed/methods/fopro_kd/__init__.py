@@ -107,6 +107,12 @@ def check_config(config) -> None:
                          "(many, few)")
     if not 0.0 <= kd.drw_start <= 1.0:
         raise ValueError(f"config.kd.drw_start={kd.drw_start}: a fraction of training")
+    if kd.cb_reduction not in step.CB_REDUCTIONS:  # (step.Setup checks again, per run)
+        raise ValueError(f"config.kd.cb_reduction={kd.cb_reduction!r}: one of "
+                         f"{step.CB_REDUCTIONS}")
+    if not 0.0 <= kd.w_kd_ramp < 1.0:
+        raise ValueError(f"config.kd.w_kd_ramp={kd.w_kd_ramp}: 0 (off) or the fraction of "
+                         "training in (0, 1) where w_kd starts ramping down")
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

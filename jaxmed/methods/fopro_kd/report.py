@@ -25,6 +25,8 @@ METRICS = ("test/balanced_accuracy", "test/f1_macro", "test/accuracy", "test/hea
            "test/medium_acc", "test/tail_acc")
 CUTOFFS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 BASELINE = "balanced_softmax"
+# every method with a teacher, each judged against BASELINE (the order of the verdict lines)
+KD_METHODS = ("ekd", "ekd_fpg", "ekd_fpg_adv", "hinton_kd", "balanced_kd", "feature_kd")
 
 
 def _fmt(row, m):
@@ -102,7 +104,7 @@ def verdict_lines(summary, config, info, teacher_acc) -> list[str]:
                      for c in np.flatnonzero(groups == 2))
     t_acc = "n/a" if teacher_acc is None else f"{teacher_acc:.3f}"
     metric, lines = "test/tail_acc", []
-    for method in ("ekd", "ekd_fpg", "ekd_fpg_adv", "hinton_kd", "feature_kd"):
+    for method in KD_METHODS:
         if method not in summary or BASELINE not in summary:
             continue
         a, b = summary[method], summary[BASELINE]

@@ -435,7 +435,8 @@ def record_identity(workdir: str, teacher: Teacher) -> None:
 
 def train_teacher_stage(config, workdir: str) -> str:
     """The quick configs' first stage: a supervised teacher on balanced data of the same kind
-    (synthetic: imbalance 1, `teacher_stage.num_train` images), trained by the kit into
+    (synthetic: imbalance 1, `teacher_stage.num_train` images; other data: the full training
+    split, without the student's `data.train_imbalance` subsample), trained by the kit into
     workdir/teacher and marked finished by its atomic `result.json` (its test metrics); skipped
     when that exists. Returns the teacher's workdir."""
     from jaxmed.methods import supervised
@@ -447,6 +448,8 @@ def train_teacher_stage(config, workdir: str) -> str:
     c = supervised.default_config()
     c.seed = config.seed
     c.data = copy.deepcopy(config.data)
+    if "train_imbalance" in c.data:  # the full training split, not the student's long tail
+        c.data.train_imbalance = 1.0
     if c.data.name == "synthetic":
         c.data.synthetic.imbalance = 1.0
         c.data.synthetic.test_imbalance = 1.0
