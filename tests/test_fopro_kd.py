@@ -443,6 +443,25 @@ def test_verdict_lines_cover_every_kd_method_balanced_kd_included():
     assert lines[3].startswith("  - why not: gap +0.040 within 2 standard errors")
 
 
+def test_a_tail_gain_that_costs_balanced_accuracy_is_flagged():
+    from types import SimpleNamespace
+
+    from jaxmed.methods.fopro_kd import report
+
+    def row(tail, bal):
+        return {"seeds": 3, "test/tail_acc": tail, "test/tail_acc_std": 0.01,
+                "test/balanced_accuracy": bal, "test/balanced_accuracy_std": 0.01}
+
+    summary = {"balanced_softmax": row(0.30, 0.35), "ekd": row(0.45, 0.36),
+               "balanced_kd": row(0.79, 0.25)}  # both better on the tail; one degenerate
+    info = SimpleNamespace(class_counts=np.array([50, 5, 20]), class_names=["a", "b", "c"])
+    lines = report.verdict_lines(summary, tiny_config(), info, None)
+    assert lines[0].endswith(": better") and lines[1].endswith(": better")
+    assert lines[2].startswith("  - caution: the tail gain costs the other classes: "
+                               "balanced_kd vs balanced_softmax on test/balanced_accuracy")
+    assert lines[2].endswith(": worse") and len(lines) == 3
+
+
 @pytest.mark.parametrize("key,bad,msg", [
     ("cb_reduction", "sum", r"config.kd.cb_reduction='sum': one of \('weighted', 'mean'\)"),
     ("cb_reduction", "", "config.kd.cb_reduction=''"),

@@ -96,7 +96,9 @@ def teacher_accuracy(teacher) -> float | None:
 def verdict_lines(summary, config, info, teacher_acc) -> list[str]:
     """One line per KD method against student-only balanced softmax on tail accuracy
     (`comparison.verdict_line`); where it is not better, a second line says why with the
-    figures (both means ± std, seeds, teacher accuracy, the tail classes' training counts)."""
+    figures (both means ± std, seeds, teacher accuracy, the tail classes' training counts);
+    where it is better but its balanced accuracy is worse (a model that gives up the other
+    classes for the tail, as balanced KD on RetinaMNIST-LT), a caution line says so."""
     from jaxmed import metrics
 
     groups = metrics.class_groups(info.class_counts, tuple(config.kd.group_boundaries))
@@ -111,6 +113,11 @@ def verdict_lines(summary, config, info, teacher_acc) -> list[str]:
         lines.append("- " + comparison.verdict_line(summary, method, BASELINE, metric))
         said = comparison.verdict(summary, method, BASELINE, metric)
         if said == comparison.BETTER:
+            bal = "test/balanced_accuracy"
+            if bal in a and bal in b and comparison.verdict(
+                    summary, method, BASELINE, bal) == comparison.WORSE:
+                lines.append("  - caution: the tail gain costs the other classes: "
+                             + comparison.verdict_line(summary, method, BASELINE, bal))
             continue
         na, nb = (r.get(f"{metric}_n", r["seeds"]) for r in (a, b))
         gap = a[metric] - b[metric]
