@@ -84,6 +84,16 @@ def test_which_changes_matter():
     assert workdir_lib.config_changes(cosine, longer) == [("train.epochs", 2, 4)]
 
 
+def test_a_workdir_from_before_a_key_existed_resumes_at_its_old_behaviour():
+    now = json.loads(tiny.get_config().to_json())
+    before = json.loads(json.dumps(now))
+    for key in ("train_imbalance", "split_seed", "num_classes"):  # added since
+        del before["data"][key]
+    assert workdir_lib.config_changes(before, now) == []  # 1.0 / 0 / 0: as it was
+    now["data"]["train_imbalance"] = 0.5  # a long tail the old run never had
+    assert workdir_lib.config_changes(before, now) == [("data.train_imbalance", "<absent>", 0.5)]
+
+
 def test_a_start_that_failed_before_any_result_leaves_a_fresh_workdir(tmp_path):
     """A first start that wrote config.json and then failed (e.g. a batch that does not split
     over the devices) does not block the corrected rerun."""

@@ -31,6 +31,13 @@ from jaxmed.train import sharding
 HARMLESS = ("train.progress", "train.log_every", "train.checkpoint_every",
             "train.keep_checkpoints")
 LENGTH_KEYS = ("train.epochs", "train.steps")
+# Keys added after workdirs were written, each with the value that does what the library did
+# before it existed: absent from a workdir's config and at this value now is no change (so a
+# workdir from before resumes). A key whose default changed behaviour (ssl.eval_ema,
+# kd.cb_reduction) is not listed: absent -> default is a change there.
+ADDED_KEYS = {"data.num_classes": 0, "data.train_imbalance": 1.0, "data.split_seed": 0,
+              "data.synthetic_bias.patch_size": 0, "kd.w_kd_ramp": 0.0,
+              "kd.teacher_classes": [], "continual.bias_score": "paper"}
 HISTORY = "config_history.jsonl"
 # What a run that failed before producing anything leaves behind: such a workdir is fresh.
 NO_RESULTS = {"config.json", HISTORY, ".lock", "xla_cache", "tensorboard"}
@@ -94,6 +101,8 @@ def config_changes(old: dict, new: dict, harmless: tuple[str, ...] = ()
 
     def matters(key, was, now):
         if key in HARMLESS or key in harmless:
+            return False
+        if was == "<absent>" and key in ADDED_KEYS and now == ADDED_KEYS[key]:
             return False
         if key in LENGTH_KEYS and constant and isinstance(was, int) and isinstance(now, int):
             # a longer run of the same experiment (steps: only if it was step-driven already)
