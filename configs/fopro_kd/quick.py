@@ -15,7 +15,10 @@ Measured (2-core CPU, empty workdir, the lead's jobs running: load 6.0 -> 4.8): 
 wall, 689 CPU s (user + sys). Test tail accuracy (balanced accuracy), mean +- std, seeds 0-2:
   ce 0.008 +- 0.010 (0.648)           balanced_softmax 0.645 +- 0.082 (0.775 +- 0.062)
   ldam_drw 0.160 +- 0.013 (0.700)     focal 0.038 +- 0.016 (0.640)
-  (ldam_drw measured before its weighted reduction and epoch-boundary DRW: not rerun since)
+  (the figures above: before the fidelity fixes; rerun 2026-12-03 after them, 32 min 27 s wall
+  on the shared VM: ldam_drw 0.160 +- 0.009 (0.697 +- 0.003), ekd 0.665 +- 0.052 (0.807),
+  ekd_fpg 0.682 +- 0.060 (0.819), ekd_fpg_adv 0.665 +- 0.074 (0.778), the other rows
+  unchanged; the same verdicts: benchmarks/RESULTS.md)
   hinton_kd 0.165 +- 0.103 (0.695)    feature_kd 0.687 +- 0.012 (0.814 +- 0.002)
   ekd 0.652 +- 0.038 (0.807 +- 0.008) ekd_fpg 0.655 +- 0.033 (0.798 +- 0.009)
   ekd_fpg_adv 0.637 +- 0.053 (0.784 +- 0.033)                  teacher 0.997
