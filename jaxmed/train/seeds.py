@@ -344,13 +344,9 @@ def fit_seeds(runs: Sequence[Any], workdirs: Sequence[str], group_dir: str, *,
         if ckpt.latest_step() != step:
             save()
         ckpt.wait()
-        final_tree = carry["best"] if selecting else carry["state"]
-        if selecting:  # a seed that never improved (no evaluation) keeps its last state
-            never = np.asarray([b["best_step"] is None for b in books])
-            if never.any():
-                final_tree = select(jax.tree.map(jnp.copy, final_tree), carry["state"],
-                                    never)
-        host = sharding.to_host(final_tree)
+        # every seed is evaluated at its last step at least, and a first evaluation always
+        # improves: with selection each seed's best state is set
+        host = sharding.to_host(carry["best"] if selecting else carry["state"])
         results = []
         for i, r in enumerate(runs):
             st = sharding.replicate(take(host, i), r.mesh)
