@@ -1,6 +1,7 @@
 """The seed axis (`jaxmed.train.seeds`): S seeds trained as one program are the S sequential
 runs (per-seed metrics and params), compiled once, each seed selecting and stopping on its
-own, resumable after SIGKILL, placed on the mesh's `seed` axis; TEAR and FoPro-KD through it."""
+own, resumable after SIGKILL, placed on the mesh's `seed` axis; TEAR, FoPro-KD and a continual
+baseline (EWC) through it."""
 
 import dataclasses
 import json
@@ -243,19 +244,26 @@ def read_results(workdir, method, seeds_):
     return [comparison.read_result(comparison.run_dir(workdir, method, s)) for s in seeds_]
 
 
+def both_ways(train_and_evaluate, config, section: str, method: str, tmp_path) -> dict:
+    """{parallel_seeds: workdir} of `method`'s comparison with seeds 0, 1 run with the seed
+    axis on and off; the group's directory exists only when it is on."""
+    out = {}
+    for par in (True, False):
+        c = config.copy_and_resolve_references()
+        c[section].methods, c[section].seeds, c[section].parallel_seeds = (method,), (0, 1), par
+        out[par] = w = str(tmp_path / str(par))
+        train_and_evaluate(c, w)
+        assert os.path.isdir(comparison.group_dir(w, method, (0, 1))) == par
+    return out
+
+
 def test_tear_algorithm_with_memories_parallel_is_sequential(tmp_path, monkeypatch):
     from configs.tear import quick
     from jaxmed.methods import tear
 
     monkeypatch.setenv(seeds.ON_CPU, "unroll")  # (one CPU device: else one after another)
-    got = {}
-    for par in (True, False):
-        c = quick.get_config("tiny")
-        c.ssl.methods, c.ssl.seeds, c.ssl.parallel_seeds = ("flexmatch",), (0, 1), par
-        w = str(tmp_path / str(par))
-        tear.train_and_evaluate(c, w)
-        got[par] = read_results(w, "flexmatch", (0, 1))
-        assert os.path.isdir(comparison.group_dir(w, "flexmatch", (0, 1))) == par
+    got = {par: read_results(w, "flexmatch", (0, 1)) for par, w in both_ways(
+        tear.train_and_evaluate, quick.get_config("tiny"), "ssl", "flexmatch", tmp_path).items()}
     for a, b in zip(got[True], got[False]):
         for k, v in b.items():
             if k.startswith("test/"):
@@ -287,3 +295,35 @@ def test_ekd_with_a_shared_teacher_parallel_is_sequential(tmp_path):
         for k in fb:
             np.testing.assert_allclose(fa[k], fb[k], atol=1e-4, err_msg=k)
         assert_params_close(a.params, b.params, noise_driven=("student/heads/p_0/bias",))
+
+
+def test_a_continual_baseline_parallel_is_sequential(tmp_path, monkeypatch):
+    """EWC through the comparison engine: each task of its two seeds trains as one program (the
+    seeds' Fisher and anchor stacked in the task's inputs) and every seed ends as it does alone:
+    accuracy matrices, summary and the saved state after each task."""
+    from configs.biaspruner import quick
+    from jaxmed.methods import biaspruner
+
+    monkeypatch.setenv(seeds.ON_CPU, "unroll")  # (one CPU device: else one after another)
+    got, states = {}, {}
+    for par, w in both_ways(biaspruner.train_and_evaluate, quick.get_config("tiny"),
+                            "continual", "ewc", tmp_path).items():
+        got[par] = read_results(w, "ewc", (0, 1))
+        g = comparison.group_dir(w, "ewc", (0, 1))
+        assert all(os.path.isdir(os.path.join(g, f"task_{t}", "seeds_0-1", "checkpoints"))
+                   == par for t in (0, 1))
+        states[par] = [[Checkpointer(os.path.join(comparison.run_dir(w, "ewc", s), "tasks"))
+                        .restore_raw(t)[0] for t in (1, 2)] for s in (0, 1)]
+    for a, b in zip(got[True], got[False]):
+        for k, v in b.items():
+            if k.startswith("test/"):
+                np.testing.assert_allclose(a[k], v, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(a["details"]["agnostic"], b["details"]["agnostic"])
+    for per_task_par, per_task_seq in zip(states[True], states[False]):
+        for a, b in zip(per_task_par, per_task_seq):
+            for part in ("params", "fisher", "anchor"):
+                assert_params_close(a[part], b[part], atol=2e-3)
+            assert int(a["stored"]) == int(b["stored"])
+    p0, p1 = (flat(states[True][s][1]["params"]) for s in (0, 1))
+    assert any(not np.allclose(p0[k], p1[k]) for k in p0)  # the seeds are not one run twice
+    assert sum(float(np.abs(x).sum()) for x in jax.tree.leaves(states[True][0][1]["fisher"])) > 0

@@ -124,7 +124,7 @@ def _json_default(v):
 def run_all(workdir: str, config, section: str,
             run_one: Callable[[str, int, str, ml_collections.ConfigDict], Mapping],
             *, harmless: tuple[str, ...] = (), run_group: Callable | None = None,
-            why_sequential: str = "") -> dict[str, list[dict]]:
+            why_sequential: str | Callable[[str], str] = "") -> dict[str, list[dict]]:
     """{method: [result of each seed]} for `config.<section>.methods` x `.seeds`.
 
     `run_one(method, seed, run_workdir, sub_config)` trains one sub-run and returns a flat dict
@@ -133,7 +133,8 @@ def run_all(workdir: str, config, section: str,
     `config.<section>.parallel_seeds` and a `run_group` (see `_run_group`), a method's
     unfinished seeds train together (`train.seeds`) where the backend gains from it
     (`seeds.backend_reason`); otherwise (a log line says why: the backend, or
-    `why_sequential` for a method without one) each runs and finishes in turn."""
+    `why_sequential` for a method without one; a function of the method's name when only some
+    methods of the section have one: '' for those that do) each runs and finishes in turn."""
     from jaxmed.train.workdir import write_config
 
     s = config[section]
@@ -151,8 +152,11 @@ def run_all(workdir: str, config, section: str,
             else:
                 done[seed] = result
         reason = seeds_lib.backend_reason(parallel, len(todo))
-        if not reason and run_group is None:
-            reason = why_sequential or "no seed axis for this method"
+        if not reason:
+            reason = (why_sequential(method) if callable(why_sequential) else
+                      "" if run_group is not None else why_sequential)
+            if not reason and run_group is None:
+                reason = "no seed axis for this method"
         if not reason:
             done.update(_run_group(workdir, config, section, method, todo, run_group, harmless))
         else:

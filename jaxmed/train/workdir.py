@@ -7,8 +7,9 @@ listing each differing key with its old and new value. Keys that cannot change r
 differ (`HARMLESS`, and a method's own `HARMLESS_KEYS`), and so may `train.epochs` /
 `train.steps` of a supervised run when they grow under a schedule that does not depend on the
 run's length (`schedule='constant'`; a cosine schedule is stretched by its total). A workdir in
-which a run failed before writing any result counts as fresh. `--allow_config_change` resumes anyway: `config.json` keeps the original and
-`config_history.jsonl` records each accepted change with the time and host.
+which a run failed before writing any result counts as fresh. `--allow_config_change` resumes
+anyway: `config.json` keeps the original and `config_history.jsonl` records each accepted
+change with the time and host.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
         methods=("biaspruner",),  # any of biaspruner, biaspruner_magnitude, packnet,
         # finetune, joint, ewc, lwf, lff: all run on the same tasks, compared in the report
         seeds=(0,),  # every method runs once per seed (config.seed = each); report: mean +- SE
-        parallel_seeds=True,  # no seed axis yet (see run.WHY_SEQUENTIAL): one after another
+        parallel_seeds=True,  # baselines' seeds together (run.run_seeds); not BiasPruner / PackNet
         sensitive_attr="bias",  # attribute for fairness (synthetic: 'bias'; fitz: skin_group;
         # '' = none: fairness metrics are NaN)
         positive_class=1,  # within-task label counted as positive for TPR / FPR

@@ -7,7 +7,8 @@ budget, with the same optimizer; BatchNorm is shared (as in the papers).
 What changes is the `SharedNetwork` pytree (params, BN statistics, the accumulated Fisher and
 its anchor); the LwF teacher is the state before the task. The step, the Fisher pass and inference
 are module-level jitted functions of it; the kind ('finetune', 'joint', 'ewc', 'lwf') and the
-loss weights are static values.
+loss weights are static values. A task is one phase (`task_run`), so the seeds of a baseline
+train each task as one program on the seed axis (run.run_seeds).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from jaxmed import losses
 from jaxmed.data.sources import ConcatSource
 from jaxmed.methods.biaspruner import frame
 from jaxmed.train import build, sharding, steps
+from jaxmed.train import run as run_lib
 from jaxmed.train.hyper import FromConfig
 
 KINDS = ("finetune", "joint", "ewc", "lwf")
@@ -75,12 +77,11 @@ class Setup(FromConfig):
     ewc_samples: int
 
 
-@functools.partial(jax.jit, static_argnames=("model", "tx", "kind", "ewc_lambda", "lwf_lambda",
-                                             "temperature", "mesh"), donate_argnums=0)
-def train_step(state, batch, inputs: TaskInputs, *, model, tx, kind: str, ewc_lambda: float,
-               lwf_lambda: float, temperature: float, mesh):
-    """CE on each sample's own task head, plus EWC's quadratic penalty or LwF's distillation
-    on every earlier task's head."""
+def task_step(state, batch, inputs: TaskInputs, *, model, tx, kind: str, ewc_lambda: float,
+              lwf_lambda: float, temperature: float):
+    """The pure step: CE on each sample's own task head, plus EWC's quadratic penalty or LwF's
+    distillation on every earlier task's head. Everything per seed (the teacher, the Fisher,
+    the task) is in `inputs`, so the seed axis batches it over seeds."""
     steps.check_batch(batch)
 
     def loss_fn(params):
@@ -108,7 +109,16 @@ def train_step(state, batch, inputs: TaskInputs, *, model, tx, kind: str, ewc_la
 
     (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(tx, grads, trainable=inputs.trainable, batch_stats=new_stats)
-    out = (state, {"loss": loss, "grad_norm": optax.tree.norm(grads)})
+    return state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+
+@functools.partial(jax.jit, static_argnames=("model", "tx", "kind", "ewc_lambda", "lwf_lambda",
+                                             "temperature", "mesh"), donate_argnums=0)
+def train_step(state, batch, inputs: TaskInputs, *, model, tx, kind: str, ewc_lambda: float,
+               lwf_lambda: float, temperature: float, mesh):
+    """`task_step` jitted, its outputs replicated on the mesh."""
+    out = task_step(state, batch, inputs, model=model, tx=tx, kind=kind, ewc_lambda=ewc_lambda,
+                    lwf_lambda=lwf_lambda, temperature=temperature)
     return jax.lax.with_sharding_constraint(out, sharding.replicated(mesh))
 
 
@@ -161,8 +171,10 @@ def init(seq: frame.TaskSequence, kind: str) -> tuple[Setup, SharedNetwork]:
     return setup, state
 
 
-def train_task(seq: frame.TaskSequence, setup: Setup, state: SharedNetwork, t: int,
-               workdir: str) -> SharedNetwork:
+def task_run(seq: frame.TaskSequence, setup: Setup, state: SharedNetwork, t: int):
+    """Task t as one phase: its `Run` (biased_epochs + finetune_epochs epochs of the task, or of
+    every task so far for joint; the pure step for the seed axis, with the task's inputs as its
+    argument) and `finish(trained) -> SharedNetwork` (EWC's Fisher and anchor added)."""
     cfg = seq.config
     cc = cfg.continual
     s = jax.device_get(state)
@@ -174,24 +186,35 @@ def train_task(seq: frame.TaskSequence, setup: Setup, state: SharedNetwork, t: i
     trainable = {"backbone": jax.tree.map(lambda _: np.ones((), bool), s.params["backbone"]),
                  "heads": {"kernel": heads[:, None, None], "bias": heads[:, None]}}
     lwf, ewc = setup.kind == "lwf", setup.kind == "ewc"  # only what the kind reads goes to devices
-    inputs = seq.replicate(TaskInputs(trainable, np.int32(t), s.params if lwf else None,
-                                      s.stats if lwf else None, s.fisher if ewc else None,
-                                      s.anchor if ewc else None, s.cmask))
+    host_inputs = TaskInputs(trainable, np.int32(t), s.params if lwf else None,
+                             s.stats if lwf else None, s.fisher if ewc else None,
+                             s.anchor if ewc else None, s.cmask)
+    inputs = seq.replicate(host_inputs)
     ts = frame.state_from(s.params, s.stats, setup.tx, jax.random.PRNGKey(cfg.seed + t))
-    step = functools.partial(train_step, inputs=inputs, model=setup.model, tx=setup.tx,
-                             kind=setup.kind, ewc_lambda=setup.ewc_lambda,
-                             lwf_lambda=setup.lwf_lambda, temperature=setup.lwf_temperature,
-                             mesh=seq.mesh)
-    ts = frame.run_phase(seq, f"{workdir}/train", ts, step, source,
-                         cc.biased_epochs + cc.finetune_epochs, cfg.seed + 10 * t)
-    params, stats = jax.device_get((ts.params, ts.batch_stats))
-    fisher, anchor = s.fisher, s.anchor
-    if setup.kind == "ewc":
-        f = fisher_of(seq, setup, params, stats, t, s.cmask, seq.tasks[t].splits["train"])
-        fisher = jax.tree.map(np.add, fisher, f)
-        anchor = params["backbone"]
-    return SharedNetwork(params=params, stats=stats, fisher=fisher, anchor=anchor,
-                         cmask=s.cmask, stored=np.int32(t + 1))
+    static = dict(model=setup.model, tx=setup.tx, kind=setup.kind, ewc_lambda=setup.ewc_lambda,
+                  lwf_lambda=setup.lwf_lambda, temperature=setup.lwf_temperature)
+    step = functools.partial(train_step, inputs=inputs, mesh=seq.mesh, **static)
+    run = frame.phase_run(seq, ts, step, source, cc.biased_epochs + cc.finetune_epochs,
+                          cfg.seed + 10 * t, pure=functools.partial(task_step, **static),
+                          step_args=(host_inputs,))
+
+    def finish(trained) -> SharedNetwork:
+        params, stats = jax.device_get((trained.params, trained.batch_stats))
+        fisher, anchor = s.fisher, s.anchor
+        if setup.kind == "ewc":
+            f = fisher_of(seq, setup, params, stats, t, s.cmask, seq.tasks[t].splits["train"])
+            fisher = jax.tree.map(np.add, fisher, f)
+            anchor = params["backbone"]
+        return SharedNetwork(params=params, stats=stats, fisher=fisher, anchor=anchor,
+                             cmask=s.cmask, stored=np.int32(t + 1))
+
+    return run, finish
+
+
+def train_task(seq: frame.TaskSequence, setup: Setup, state: SharedNetwork, t: int,
+               workdir: str) -> SharedNetwork:
+    run, finish = task_run(seq, setup, state, t)
+    return finish(run_lib.fit(run, f"{workdir}/train")[0])
 
 
 def fisher_of(seq, setup: Setup, params, stats, t: int, cmask, source):
@@ -214,4 +237,4 @@ def fisher_of(seq, setup: Setup, params, stats, t: int, cmask, source):
 
 def method(kind: str) -> frame.Method:
     return frame.Method(build=functools.partial(init, kind=kind), train_task=train_task,
-                        predict=predict)
+                        predict=predict, task_run=task_run)

@@ -15,8 +15,10 @@ A method is a `Method` record of plain functions over a pytree state (no object 
 anything): `build(seq) -> (setup, state)` (setup: the static values its jitted functions take,
 e.g. the model and optimizer), `train_task(seq, setup, state, t, workdir) -> state`, and
 `predict(setup, state, batch, valid_tasks) -> decide(...)`, one jitted function over a global
-batch, run by `jaxmed.train.evaluate.predict`. The driver (`run.py`) saves the state through
-orbax after every task, so a re-run resumes there.
+batch, run by `jaxmed.train.evaluate.predict`; a method whose task is one training phase also
+gives `task_run` (the phase's `Run` and what turns its trained state into the method's), so
+that its seeds can train each task together (the seed axis). The driver (`run.py`) saves the
+state through orbax after every task, so a re-run resumes there.
 """
 
 from __future__ import annotations
@@ -136,22 +138,29 @@ class TaskSequence:
         return sharding.replicate(jax.device_get(tree), self.mesh)
 
 
-def run_phase(seq: TaskSequence, workdir: str, state: TrainState, step: Callable, source,
-              epochs: int, seed: int) -> TrainState:
-    """Train `epochs` epochs of `source` (augmented, shuffled with `seed`) with
-    `step(state, global_batch)` through `train.run.fit`, with its checkpoints and resume and no
-    evaluation. Returns the final state."""
+def phase_run(seq: TaskSequence, state: TrainState, step: Callable, source, epochs: int,
+              seed: int, *, pure: Callable | None = None, step_args: tuple = ()) -> run_lib.Run:
+    """The `Run` of one training phase: `epochs` epochs of `source` (augmented, shuffled with
+    `seed`) with the jitted `step(state, global_batch)`, no evaluation. `pure(state, batch,
+    *step_args)`: the same step unjitted, for the seed axis (`Run.step`); without it the
+    phase's seeds train one after another."""
     cfg, tcfg = seq.config, seq.config.train
     spe = run_lib.steps_per_epoch(len(source), tcfg.batch_size, "training images of the task")
     d = run_lib.Durations(spe, total=spe * epochs)
     settings = LoopSettings(epochs=epochs, steps=d.total, log_every=tcfg.log_every,
                             eval_every=-1, checkpoint_every=10**9, keep_checkpoints=1,
                             progress=tcfg.progress)
-    phase = run_lib.Run(seq.mesh, seq.replicate(state), step,
-                        run_lib.stream_factory(cfg, source, seq.info, seed, d),
-                        lambda s, split: {}, settings, tcfg.batch_size, d, eval_splits=(),
-                        final_split="")
-    return run_lib.fit(phase, workdir)[0]
+    return run_lib.Run(seq.mesh, seq.replicate(state), step,
+                       run_lib.stream_factory(cfg, source, seq.info, seed, d),
+                       lambda s, split: {}, settings, tcfg.batch_size, d, eval_splits=(),
+                       final_split="", step=pure, step_args=tuple(step_args))
+
+
+def run_phase(seq: TaskSequence, workdir: str, state: TrainState, step: Callable, source,
+              epochs: int, seed: int) -> TrainState:
+    """Train one phase (`phase_run`) through `train.run.fit`, with its checkpoints and resume.
+    Returns the final state."""
+    return run_lib.fit(phase_run(seq, state, step, source, epochs, seed), workdir)[0]
 
 
 def state_from(params, batch_stats, tx, rng) -> TrainState:
@@ -196,6 +205,10 @@ class Method:
     train_task: Callable[..., Any]
     predict: Callable[..., dict]
     mask_report: Callable[[Any], dict] | None = None
+    # (seq, setup, state, t) -> (the task's phase `Run` with a pure step, finish: trained
+    # TrainState -> state): a method whose task is one phase; its seeds' tasks can train as
+    # one program (run.run_seeds). None: seeds one after another.
+    task_run: Callable[..., tuple[Any, Callable]] | None = None
 
 
 @dataclasses.dataclass

@@ -466,8 +466,8 @@ def train_task(seq: frame.TaskSequence, setup: Setup, state: Subnetworks, t: int
 def keep_units(selection: str, gamma: float, bias_scores: dict, backbone) -> dict:
     """{unit name: bool [C]} the channels subnetwork t keeps: 'bias' removes the gamma
     fraction with the HIGHEST bias score (most bias-aligned, the paper's direction; every
-    `scores` variant is higher for more biased), ranked globally; the ablation 'magnitude' changes only the ranking (filter L1 norm, the lowest
-    removed). No unit group is ever emptied."""
+    `scores` variant is higher for more biased), ranked globally; the ablation 'magnitude'
+    changes only the ranking (filter L1 norm, the lowest removed). No unit group is ever emptied."""
     if selection == "bias":
         return structured.channel_masks(bias_scores, gamma, prune="highest")
     l1 = jax.device_get(structured.filter_l1_scores(backbone))
