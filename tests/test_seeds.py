@@ -327,3 +327,31 @@ def test_a_continual_baseline_parallel_is_sequential(tmp_path, monkeypatch):
     p0, p1 = (flat(states[True][s][1]["params"]) for s in (0, 1))
     assert any(not np.allclose(p0[k], p1[k]) for k in p0)  # the seeds are not one run twice
     assert sum(float(np.abs(x).sum()) for x in jax.tree.leaves(states[True][0][1]["fisher"])) > 0
+
+
+def test_supervised_seeds_are_a_comparison_of_the_plain_runs(sequential, tmp_path, monkeypatch):
+    """`config.supervised.seeds`: each seed's result is its plain run's (bitwise alone, within
+    float tolerance on the seed axis), comparison.csv holds their mean and sd, and a workdir of
+    seeds is not reused for one run."""
+    import csv
+
+    from jaxmed.methods import supervised
+    from jaxmed.train import workdir as workdir_lib
+
+    monkeypatch.setenv(seeds.ON_CPU, "unroll")  # (one CPU device: else one after another)
+    ws = both_ways(supervised.train_and_evaluate, tiny.get_config(), "supervised", "supervised",
+                   tmp_path)
+    for par, w in ws.items():
+        got = read_results(w, "supervised", (0, 1))
+        for s, r in zip((0, 1), got):
+            for k, v in sequential[s][1].items():
+                np.testing.assert_allclose(r[f"test/{k}"], v, atol=1e-4 if par else 0, err_msg=k)
+        with open(os.path.join(w, "report", "comparison.csv")) as f:
+            (row,) = list(csv.DictReader(f))
+        losses = [r["test/loss"] for r in got]
+        assert row["method"] == "supervised" and row["seeds"] == "2"
+        np.testing.assert_allclose(float(row["test/loss"]), np.mean(losses), rtol=1e-5)
+        np.testing.assert_allclose(float(row["test/loss_std"]), np.std(losses, ddof=1),
+                                   rtol=1e-4)
+    with pytest.raises(workdir_lib.ConfigChangedError, match=r"supervised\.seeds=\(\)"):
+        supervised.train_and_evaluate(tiny.get_config(), ws[False])

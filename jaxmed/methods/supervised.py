@@ -1,23 +1,35 @@
 """Supervised single-label and multi-label training and evaluation: a thin method on the kit
-(`jaxmed.train`). Label type, channels, image size and class count follow the data."""
+(`jaxmed.train`). Label type, channels, image size and class count follow the data.
+
+`config.supervised.seeds` () is one run of `config.seed` in the workdir; a tuple of seeds makes
+it a comparison on the engine every method uses (`train.comparison`): one run per seed in
+`runs/supervised/seed_<s>/` (on the seed axis where the backend gains from it,
+`config.supervised.parallel_seeds`) and `report/comparison.csv` with the mean and `_std` of
+every test metric. One workdir holds one layout: switching between the two is refused.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 
 import ml_collections
 
 from jaxmed import data as data_lib
 from jaxmed.pruning import training as pruning_training
+from jaxmed.train import comparison, sharding
+from jaxmed.train import seeds as train_seeds
+from jaxmed.train import workdir as workdir_lib
 from jaxmed.train.run import build_run, fit
 from jaxmed.train.workdir import write_config
 
 log = logging.getLogger(__name__)
-HARMLESS_KEYS: tuple[str, ...] = ()
+SECTION = "supervised"
+HARMLESS_KEYS: tuple[str, ...] = comparison.harmless_keys(SECTION)
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """Every key the supervised trainer reads (method configs start from this)."""
+def base_config() -> ml_collections.ConfigDict:
+    """The keys every method's training reads (the other methods' configs start from this)."""
     c = ml_collections.ConfigDict()
     c.method = "supervised"
     c.seed = 0
@@ -45,19 +57,85 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def default_config() -> ml_collections.ConfigDict:
+    """Every key the supervised trainer reads: `base_config` and its seeds."""
+    c = base_config()
+    c.supervised = ml_collections.ConfigDict(dict(
+        methods=(SECTION,),  # the comparison engine's key: the one method
+        # (): one run of config.seed in the workdir; (s1, s2, ...): one run per seed in
+        # runs/supervised/seed_<s>/ and report/comparison.csv (mean and _std of each metric)
+        seeds=(),
+        parallel_seeds=True,  # the seeds as one program (jaxmed.train.seeds) where it gains
+    ))
+    return c
+
+
 def check_config(config) -> None:
-    """The supervised keys are checked by their readers (the data / model / optimizer
-    builders name the key at fault); nothing more before the run."""
-    del config
+    """The seeds' keys here; the others are checked by their readers (the data / model /
+    optimizer builders name the key at fault)."""
+    s = config.get(SECTION)
+    if s is not None and tuple(s.seeds):
+        comparison.check_methods_and_seeds(s.methods, s.seeds, (SECTION,), SECTION)
 
 
 def train_and_evaluate(config, workdir: str, hooks=()) -> dict:
-    """Train, select on validation (if configured), evaluate on test; returns test metrics."""
-    write_config(config, workdir)
+    """Train, select on validation (if configured), evaluate on test; returns test metrics
+    (with `supervised.seeds`: every seed's, their means and `_std` as 'supervised/<metric>')."""
+    seeds = tuple(config.supervised.seeds) if SECTION in config else ()
+    _check_layout(config, workdir, bool(seeds))
+    if seeds:
+        if hooks:
+            raise ValueError("hooks observe one run: not with config.supervised.seeds")
+        return _compare(config, workdir)
+    write_config(config, workdir, harmless=HARMLESS_KEYS)
     _, final = fit(build_run(config), workdir, hooks=hooks)
     log.info("test metrics: %s", final)
     return {f"test/{k}": v for k, v in final.items()}
 
 
-__all__ = ["HARMLESS_KEYS", "build_run", "check_config", "default_config",
+def _check_layout(config, workdir: str, per_seed: bool) -> None:
+    """A workdir holding one run is not turned into a comparison of seeds, nor back."""
+    old = workdir_lib.effective_config(workdir)
+    if old is None:
+        return
+    had = bool(old.get(SECTION, {}).get("seeds", ()))
+    if had != per_seed:
+        layouts = {True: "a comparison of seeds (runs/supervised/seed_<s>/)",
+                   False: "one run (config.supervised.seeds=())"}
+        raise workdir_lib.ConfigChangedError(
+            f"{workdir} holds {layouts[had]}; config.supervised.seeds="
+            f"{tuple(config.supervised.seeds)!r} asks for {layouts[per_seed]}: use a new "
+            "--workdir")
+
+
+def _compare(config, workdir: str) -> dict:
+    ds = data_lib.build(config.data)  # one dataset for every seed
+    mesh = sharding.make_mesh()
+
+    def run_one(method, seed, run_workdir, sub_config) -> dict:
+        del method
+        _, final = fit(build_run(sub_config, seed, ds=ds, mesh=mesh), run_workdir)
+        return {f"test/{k}": v for k, v in final.items()}
+
+    def run_group(method, seeds, run_workdirs, sub_configs, group_dir) -> list[dict]:
+        runs = [build_run(c, s, ds=ds, mesh=mesh) for c, s in zip(sub_configs, seeds)]
+        fitted = train_seeds.fit_each(runs, run_workdirs, group_dir, what=method)
+        return [{f"test/{k}": v for k, v in final.items()} for _, final in fitted]
+
+    def report(results) -> dict:
+        metrics = sorted({k for runs in results.values() for r in runs for k in r
+                          if k.startswith("test/")})
+        summary = comparison.write_comparison(
+            os.path.join(workdir, "report", "comparison.csv"), results, metrics)
+        row = summary[SECTION]
+        log.info("supervised over seeds %s: %s", tuple(config.supervised.seeds),
+                 {m: f"{row[m]:.4f} +- {row[m + '_std']:.4f}" for m in metrics})
+        return {f"{SECTION}/{k}": v for k, v in row.items()}
+
+    write_config(config, workdir, harmless=HARMLESS_KEYS)
+    return comparison.compare(workdir, config, SECTION, run_one, report, harmless=HARMLESS_KEYS,
+                              run_group=run_group)
+
+
+__all__ = ["HARMLESS_KEYS", "base_config", "build_run", "check_config", "default_config",
            "train_and_evaluate"]

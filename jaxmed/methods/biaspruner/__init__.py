@@ -42,7 +42,7 @@ HARMLESS_KEYS = ("continual.task_axis", *comparison.harmless_keys(run.SECTION))
 
 
 def default_config() -> ml_collections.ConfigDict:
-    c = supervised.default_config()
+    c = supervised.base_config()
     c.method = "biaspruner"
     c.continual = ml_collections.ConfigDict(dict(
         tasks=((0, 1), (2, 3)),  # class groups of one dataset, one tuple per task

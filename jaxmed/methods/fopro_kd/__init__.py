@@ -37,7 +37,7 @@ HARMLESS_KEYS = ("train.progress", "train.log_every", "kd.report_examples",
 def default_config() -> ml_collections.ConfigDict:
     """Every key FoPro-KD reads; the defaults are the spec's (Adam 3e-4, no weight decay,
     clip 5, batch 32, 100 epochs, ResNet-18 student from scratch, w_kd 3)."""
-    c = supervised.default_config()
+    c = supervised.base_config()
     c.method = "fopro_kd"
     c.model.name = "resnet18"
     c.train.update(dict(optimizer="adam", lr=3e-4, weight_decay=0.0, grad_clip_norm=5.0,

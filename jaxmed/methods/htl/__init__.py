@@ -64,7 +64,7 @@ __all__ = ["HARMLESS_KEYS", "METHODS", "TASKS", "TASK_METRICS", "check_config",
 
 
 def default_config() -> ml_collections.ConfigDict:
-    c = supervised.default_config()
+    c = supervised.base_config()
     c.method = "htl"
     c.htl = ml_collections.ConfigDict(dict(
         task="segmentation",

@@ -56,7 +56,7 @@ DEFAULT_SPARSITIES = tuple(round(0.05 * i, 2) for i in range(20))
 
 
 def default_config() -> ml_collections.ConfigDict:
-    c = supervised.default_config()
+    c = supervised.base_config()
     c.method = "prunecxr"
     c.stages = STAGES
     c.prunecxr = ml_collections.ConfigDict(dict(

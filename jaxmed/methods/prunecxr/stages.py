@@ -95,7 +95,7 @@ def train_runs(config, workdir: str) -> list[str]:
 def run_config(config, seed: int) -> ml_collections.ConfigDict:
     """A run's own config: a plain supervised one (the study's data / model / train / pruning
     keys, its seed), so that changing a PruneCXR-only key never touches the runs' workdirs."""
-    keys = supervised.default_config().keys()
+    keys = supervised.base_config().keys()
     c = ml_collections.ConfigDict({k: copy.deepcopy(config[k]) for k in keys})
     c.method, c.seed = "supervised", seed
     c.lock()

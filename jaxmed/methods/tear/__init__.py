@@ -47,7 +47,7 @@ __all__ = ["HARMLESS_KEYS", "METRICS", "Hyper", "SSLState", "algorithms", "build
 
 def default_config() -> ml_collections.ConfigDict:
     """Every key the TEAR / semi-supervised trainer reads (the supervised keys + `ssl`)."""
-    c = supervised.default_config()
+    c = supervised.base_config()
     c.method = "tear"
     c.train.schedule = "fixmatch_cosine"  # lr cos(7 pi k / 16 K) (FixMatch / TEAR reference)
     c.ssl = ml_collections.ConfigDict(dict(
