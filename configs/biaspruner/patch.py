@@ -35,7 +35,10 @@ Measured result (that run; 5 seeds, mean +- SE): final ACC BiasPruner (the paper
 The unit analysis (benchmarks/RESULTS.md, issue 23) says why: the paper's score prunes shortcut
 units less often than chance here (0.52 vs 0.65); class_conditional finds them (0.99), and
 `patch.py:class_conditional` (11 min 09 s) reaches 0.858 +- 0.030, EOdd 0.312 +- 0.076: between
-the two, within noise of both."""
+the two, within noise of both. `:absolute` (13 min 49 s; unit precision 0.96) 0.811 +- 0.054,
+within noise of both; `:layer_normalised` (12 min 36 s) 0.805 +- 0.029, the paper's figure,
+below magnitude on the conflicting images (0.712 vs 0.819, > 2 SE). No ranking beats magnitude
+on this sequence."""
 
 from jaxmed.config_check import sibling
 from jaxmed.methods.biaspruner.scores import BIAS_SCORES
