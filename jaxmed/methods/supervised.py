@@ -81,6 +81,7 @@ def check_config(config) -> None:
 def train_and_evaluate(config, workdir: str, hooks=()) -> dict:
     """Train, select on validation (if configured), evaluate on test; returns test metrics
     (with `supervised.seeds`: every seed's, their means and `_std` as 'supervised/<metric>')."""
+    check_config(config)
     seeds = tuple(config.supervised.seeds) if SECTION in config else ()
     _check_layout(config, workdir, bool(seeds))
     if seeds:
@@ -94,16 +95,16 @@ def train_and_evaluate(config, workdir: str, hooks=()) -> dict:
 
 
 def _check_layout(config, workdir: str, per_seed: bool) -> None:
-    """A workdir holding one run is not turned into a comparison of seeds, nor back."""
-    old = workdir_lib.effective_config(workdir)
-    if old is None:
-        return
-    had = bool(old.get(SECTION, {}).get("seeds", ()))
-    if had != per_seed:
+    """A workdir holding one run is not turned into a comparison of seeds, nor back (read from
+    what is on disk, so no accepted config change gets past it)."""
+    has_seeds = os.path.isdir(os.path.join(workdir, "runs", SECTION))
+    has_one = any(os.path.exists(os.path.join(workdir, f))
+                  for f in ("checkpoints", "metrics.jsonl", "result.json"))
+    if (per_seed and has_one) or (not per_seed and has_seeds):
         layouts = {True: "a comparison of seeds (runs/supervised/seed_<s>/)",
                    False: "one run (config.supervised.seeds=())"}
         raise workdir_lib.ConfigChangedError(
-            f"{workdir} holds {layouts[had]}; config.supervised.seeds="
+            f"{workdir} holds {layouts[has_seeds]}; config.supervised.seeds="
             f"{tuple(config.supervised.seeds)!r} asks for {layouts[per_seed]}: use a new "
             "--workdir")
 

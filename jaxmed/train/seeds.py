@@ -355,7 +355,8 @@ def fit_seeds(runs: Sequence[Any], workdirs: Sequence[str], group_dir: str, *,
                 writers[i].write(books[i]["last_step"] or step,
                                  {f"{r.final_split}/{k}": v for k, v in final.items()})
             results.append((st, final))
-            _save_own(workdirs[i], st, {**r.meta, "loop": books[i]})
+            _save_own(workdirs[i], st, {**r.meta, "loop": books[i]},
+                      None if selecting else its.iterators[i])
     except BaseException:
         ckpt.close()
         for w in writers:
@@ -367,10 +368,12 @@ def fit_seeds(runs: Sequence[Any], workdirs: Sequence[str], group_dir: str, *,
     return results
 
 
-def _save_own(workdir: str, state, meta: dict) -> None:
+def _save_own(workdir: str, state, meta: dict, data_iterator=None) -> None:
     """The seed's final (selected) state as the one checkpoint of its own workdir, as a
     sequential run's best / last one: what reads a finished run (PruneCXR's sweeps, a
-    FoPro-KD teacher, a user) finds it where `fit` would have left it."""
+    FoPro-KD teacher, a user) finds it where `fit` would have left it. Without model selection
+    the state is the last one and its iterator is saved too, so that `fit` on that workdir
+    (a continual phase retried alone after a crash) finds the run finished, not unreadable."""
     path = os.path.join(workdir, "checkpoints")
     if os.path.isdir(path) and sharding.is_lead_process():  # an earlier, sequential attempt's
         aside = path + ".sequential_attempt"
@@ -380,7 +383,7 @@ def _save_own(workdir: str, state, meta: dict) -> None:
     sharding.barrier("jaxmed_seed_checkpoint")
     ck = Checkpointer(path, keep=1)
     try:
-        ck.save(int(jax.device_get(state.step)), state, meta=meta)
+        ck.save(int(jax.device_get(state.step)), state, data_iterator=data_iterator, meta=meta)
     finally:
         ck.close()
 

@@ -96,9 +96,11 @@ def config_changes(old: dict, new: dict, harmless: tuple[str, ...] = ()
     changed = [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
                if a.get(k, "<absent>") != b.get(k, "<absent>")]
     # A longer run continues the same experiment only for one supervised run under a constant
-    # learning rate (a study of several runs would mix finished short runs with long ones).
+    # learning rate (a study of several runs, supervised seeds included, would mix finished
+    # short runs with long ones).
     constant = (b.get("train.schedule", "constant") == "constant" == a.get(
-        "train.schedule", "constant") and a.get("method") == b.get("method") == "supervised")
+        "train.schedule", "constant") and a.get("method") == b.get("method") == "supervised"
+        and not a.get("supervised.seeds") and not b.get("supervised.seeds"))
 
     def matters(key, was, now):
         if key in HARMLESS or key in harmless:

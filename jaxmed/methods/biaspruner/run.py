@@ -102,12 +102,13 @@ def run_seeds(seqs: list[TaskSequence], workdirs: list[str], name: str, method: 
     states = [seq.replicate(b[1]) for seq, b in zip(seqs, built)]
     acc = [{k: np.full((t_max, t_max), np.nan) for k in MATRICES} for _ in seqs]
     evals: list[list[TaskEval]] = [[] for _ in seqs]
-    stores = [Checkpointer(os.path.join(w, "tasks"), keep=0, async_save=False) for w in workdirs]
     with contextlib.ExitStack() as stack:
         writers = [stack.enter_context(run_lib.metric_writer(w)) for w in workdirs]
         with contextlib.ExitStack() as closing:
-            for store in stores:
-                closing.callback(store.close)
+            stores = []
+            for w in workdirs:
+                stores.append(Checkpointer(os.path.join(w, "tasks"), keep=0, async_save=False))
+                closing.callback(stores[-1].close)
             for w in writers:
                 w.resume_from(-1)  # a rerun evaluates every task again: one record per task
             done = [set(store.all_steps()) for store in stores]
@@ -130,9 +131,9 @@ def run_seeds(seqs: list[TaskSequence], workdirs: list[str], name: str, method: 
                 for i in range(n):
                     evals[i] = evaluate(seqs[i], method, setups[i], states[i], t)
                     for j, e in enumerate(evals[i]):
-                        acc[i]["agnostic"][t, j], acc[i]["aware"][t, j], \
-                            acc[i]["selection"][t, j] = (e.agnostic_acc, e.aware_acc,
-                                                         e.selection_acc)
+                        for k, v in zip(MATRICES, (e.agnostic_acc, e.aware_acc,
+                                                   e.selection_acc)):
+                            acc[i][k][t, j] = v
                     writers[i].write(t + 1, {f"test/acc_task{j}": e.agnostic_acc
                                              for j, e in enumerate(evals[i])})
         results = []
