@@ -3,6 +3,7 @@ survive SIGKILL + resume bitwise, 8 devices equal 1, the labeled / unlabeled spl
 Kvasir-Capsule adapter and an end-to-end comparison writing comparison.csv."""
 
 import csv
+import json
 import os
 
 import jax
@@ -217,15 +218,22 @@ def test_tiny_comparison_writes_the_report(tiny_comparison):
         for m in metrics:
             assert 0.0 <= float(r[m]) <= 1.0 and float(r[f"{m}_std"]) >= 0.0
     assert set(rows[0]) >= {"method", *metrics, *(m + "_std" for m in metrics)}
+    for r in rows:  # eval_ema: the raw student's figures beside the EMA model's
+        assert 0.0 <= float(r["test/student/auc"]) <= 1.0
+    runs = [json.load(open(os.path.join(workdir, "runs", "tear", f"seed_{s}", "result.json")))
+            for s in (0, 1)]
+    assert float(rows[2]["test/student/auc"]) == pytest.approx(
+        np.mean([r["test/student/auc"] for r in runs]), rel=1e-5)
     assert result["tear/test/auc"] == pytest.approx(float(rows[2]["test/auc"]), rel=1e-5)
     for fig in ("test_auc.png", "unlabeled_training.png", "per_class_recall.png", "summary.md"):
         assert os.path.getsize(os.path.join(workdir, "report", fig)) > 0
     # one verdict per algorithm against supervised-only, by the engine's rule: 2 seeds are
     # too few for any verdict, whatever the gap
     lines = open(os.path.join(workdir, "report", "summary.md")).read().splitlines()
-    verdicts = [x for x in lines if x.startswith("- ") and " vs supervised on test/auc: " in x]
-    assert [x.split()[1] for x in verdicts] == ["fixmatch", "tear"]
-    assert all(x.endswith(": too few seeds") for x in verdicts), verdicts
+    for key in ("test/auc", "test/student/auc"):
+        verdicts = [x for x in lines if x.startswith("- ") and f" vs supervised on {key}: " in x]
+        assert [x.split()[1] for x in verdicts] == ["fixmatch", "tear"]
+        assert all(x.endswith(": too few seeds") for x in verdicts), verdicts
 
 
 def test_memories_survive_sigkill_and_resume_bitwise(tiny_comparison, tmp_path):

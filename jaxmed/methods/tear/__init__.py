@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 HARMLESS_KEYS = ("train.progress", "train.log_every", *comparison.harmless_keys("ssl"))
 METRICS = ("test/auc", "test/accuracy", "test/balanced_accuracy", "test/f1",
            "test/sensitivity", "test/specificity")
+# beside them with config.ssl.eval_ema (METRICS are then the EMA model's): the raw student's
+STUDENT_METRICS = ("test/student/auc", "test/student/accuracy",
+                   "test/student/balanced_accuracy")
 
 __all__ = ["HARMLESS_KEYS", "METRICS", "Hyper", "SSLState", "algorithms", "build_ssl_run",
            "check_config", "default_config", "make_ssl_step", "train_and_evaluate"]
@@ -125,10 +128,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     check_config(config)
     write_config(config, workdir, harmless=HARMLESS_KEYS)
 
+    metrics = METRICS + (STUDENT_METRICS if config.ssl.eval_ema else ())
+
     def write(results):
-        summary = report.write_report(workdir, config, results, METRICS)
+        summary = report.write_report(workdir, config, results, metrics)
         return {f"{m}/{k}": v for m, row in summary.items() for k, v in row.items()
-                if k in METRICS}
+                if k in metrics}
 
     return comparison.compare(workdir, config, "ssl", run.run_one, write,
                               harmless=HARMLESS_KEYS, run_group=run.run_group)

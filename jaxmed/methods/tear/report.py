@@ -82,17 +82,21 @@ def write_report(workdir: str, config, results, metrics) -> dict:
              f"{_first(results, 'data/num_labeled')} / {_first(results, 'data/num_unlabeled')}; "
              f"seeds {tuple(seeds)}; {config.train.steps or 'epochs'} steps of "
              f"{config.train.batch_size} labeled + {config.ssl.mu}x unlabeled.", "",
-             "| method | " + " | ".join(m.split("/")[-1] for m in metrics) + " |",
+             "| method | " + " | ".join(m[len("test/"):] for m in metrics) + " |",
              "|---|" + "---|" * len(metrics)]
     for m in methods:
         row = summary[m]
         lines.append(f"| {m} | " + " | ".join(f"{row[k]:.3f} ± {row[f'{k}_std']:.3f}"
                                               for k in metrics) + " |")
-    lines += ["", "Means ± standard deviation over the seeds (ddof 1). " + comparison.RULE, ""]
+    evaluated = ("the EMA model of the student (config.ssl.eval_ema, USB's convention); "
+                 "student/...: the raw student" if config.ssl.eval_ema else "the raw student")
+    lines += ["", f"Means ± standard deviation over the seeds (ddof 1); test figures of "
+              f"{evaluated}. " + comparison.RULE, ""]
     base = "supervised" if "supervised" in summary else None
-    for m in methods:
-        if base is not None and m != base:
-            lines.append("- " + comparison.verdict_line(summary, m, base, "test/auc"))
+    for key in [k for k in ("test/auc", "test/student/auc") if k in metrics]:
+        for m in methods:
+            if base is not None and m != base:
+                lines.append("- " + comparison.verdict_line(summary, m, base, key))
     lines += ["", "Figures: `test_auc.png`, `unlabeled_training.png` (mask rate and pseudo-label "
               "accuracy on the unlabeled set, mean over seeds), `per_class_recall.png`.", "",
               "Run time per method (s, mean over seeds): " + ", ".join(
