@@ -14,8 +14,9 @@ biased (ACC 0.64, EOdd 1.42).
 Runtime: 22 min wall on the 2-core VM of 2026-12-03 (the 12 runs' own wall times, 1,321 s, out
 of a 5-method run with LwF: 28 min 17 s, 2,649 CPU s; the host stole 16-24% of the CPU then);
 each run 95-128 s. The same config with 2 seeds and LwF took 9 min 23 s, 931 CPU s, on the
-quiet VM of 2026-11-25: per run the CPU time has doubled since (not explained yet). `:tiny`
-(the tests' variant) runs in seconds.
+quiet VM of 2026-11-25, below what one run costs with the code of that day or today (A/B in
+benchmarks/RESULTS.md: 146 vs 142 CPU s): not a code regression. `:tiny` (the tests' variant)
+runs in seconds.
 
 Measured result (3 seeds, mean ± SE; `benchmarks/results/cpu/biaspruner_quick_3seeds_
 comparison.csv`): final task-agnostic ACC BiasPruner 0.885 ± 0.053, PackNet 0.537 ± 0.022, EWC
