@@ -91,7 +91,24 @@ def train_and_evaluate(config, workdir: str, hooks=()) -> dict:
     write_config(config, workdir, harmless=HARMLESS_KEYS)
     _, final = fit(build_run(config), workdir, hooks=hooks)
     log.info("test metrics: %s", final)
+    return as_result(final)
+
+
+def as_result(final: dict) -> dict:
+    """A run's final-split metrics as its result: 'test/<metric>'."""
     return {f"test/{k}": v for k, v in final.items()}
+
+
+def fit_group(configs, seeds, workdirs, group_dir: str, *, what: str, ds=None,
+              mesh=None) -> list[dict]:
+    """The supervised runs of `configs` (one per seed, the same data) trained together on the
+    seed axis where they stack (`train.seeds.fit_each`, stacked checkpoints in `group_dir`),
+    else one after another; each run's `as_result`."""
+    ds = ds or data_lib.build(configs[0].data)
+    mesh = mesh or sharding.make_mesh()
+    runs = [build_run(c, s, ds=ds, mesh=mesh) for c, s in zip(configs, seeds)]
+    fitted = train_seeds.fit_each(runs, workdirs, group_dir, what=what)
+    return [as_result(final) for _, final in fitted]
 
 
 def _check_layout(config, workdir: str, per_seed: bool) -> None:
@@ -115,13 +132,11 @@ def _compare(config, workdir: str) -> dict:
 
     def run_one(method, seed, run_workdir, sub_config) -> dict:
         del method
-        _, final = fit(build_run(sub_config, seed, ds=ds, mesh=mesh), run_workdir)
-        return {f"test/{k}": v for k, v in final.items()}
+        return as_result(fit(build_run(sub_config, seed, ds=ds, mesh=mesh), run_workdir)[1])
 
     def run_group(method, seeds, run_workdirs, sub_configs, group_dir) -> list[dict]:
-        runs = [build_run(c, s, ds=ds, mesh=mesh) for c, s in zip(sub_configs, seeds)]
-        fitted = train_seeds.fit_each(runs, run_workdirs, group_dir, what=method)
-        return [{f"test/{k}": v for k, v in final.items()} for _, final in fitted]
+        return fit_group(sub_configs, seeds, run_workdirs, group_dir, what=method, ds=ds,
+                         mesh=mesh)
 
     def report(results) -> dict:
         metrics = sorted({k for runs in results.values() for r in runs for k in r
@@ -139,4 +154,4 @@ def _compare(config, workdir: str) -> dict:
 
 
 __all__ = ["HARMLESS_KEYS", "base_config", "build_run", "check_config", "default_config",
-           "train_and_evaluate"]
+           "as_result", "fit_group", "train_and_evaluate"]

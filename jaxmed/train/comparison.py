@@ -151,12 +151,9 @@ def run_all(workdir: str, config, section: str,
                 todo.append((seed, d, sub))
             else:
                 done[seed] = result
-        reason = seeds_lib.backend_reason(parallel, len(todo))
-        if not reason:
-            reason = (why_sequential(method) if callable(why_sequential) else
-                      "" if run_group is not None else why_sequential)
-            if not reason and run_group is None:
-                reason = "no seed axis for this method"
+        why = why_sequential(method) if callable(why_sequential) else why_sequential
+        reason = (seeds_lib.backend_reason(parallel, len(todo)) or why
+                  or ("" if run_group is not None else "no seed axis for this method"))
         if not reason:
             done.update(_run_group(workdir, config, section, method, todo, run_group, harmless))
         else:

@@ -122,9 +122,10 @@ def cannot_stack(runs: Sequence[Any]) -> str:
     if any(r.state_hooks for r in runs):
         return ("it acts on each seed's state between steps (state hooks: pruning schedules, "
                 "HTL's identification)")
-    shapes = [jax.tree.map(lambda x: (np.shape(x), np.dtype(getattr(x, "dtype", None) or
-                                                             np.asarray(x).dtype).str), r.state)
-              for r in runs]
+    def spec(x):  # (no host copy of a device array)
+        return np.shape(x), np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype).str
+
+    shapes = [jax.tree.map(spec, r.state) for r in runs]
     if any(jax.tree.structure(s) != jax.tree.structure(shapes[0]) or s != shapes[0]
            for s in shapes):
         return "its seeds' states differ in structure or shape"

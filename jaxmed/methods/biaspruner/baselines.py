@@ -192,13 +192,8 @@ def task_run(seq: frame.TaskSequence, setup: Setup, state: SharedNetwork, t: int
     ts = frame.state_from(s.params, s.stats, setup.tx, jax.random.PRNGKey(cfg.seed + t))
     static = dict(model=setup.model, tx=setup.tx, kind=setup.kind, ewc_lambda=setup.ewc_lambda,
                   lwf_lambda=setup.lwf_lambda, temperature=setup.lwf_temperature)
-    placed = []  # the inputs on the mesh, placed at the first step (the seed axis never asks)
-
-    def step(state, batch):
-        if not placed:
-            placed.append(seq.replicate(host_inputs))
-        return train_step(state, batch, inputs=placed[0], mesh=seq.mesh, **static)
-
+    step = functools.partial(train_step, inputs=seq.replicate(host_inputs), mesh=seq.mesh,
+                             **static)
     run = frame.phase_run(seq, ts, step, source, cc.biased_epochs + cc.finetune_epochs,
                           cfg.seed + 10 * t, pure=functools.partial(task_step, **static),
                           step_args=(host_inputs,))

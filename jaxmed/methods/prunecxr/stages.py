@@ -32,7 +32,6 @@ from jaxmed.pruning.sweep import make_forward, scores_for, sweep
 from jaxmed.train import build, comparison, sharding
 from jaxmed.train import seeds as train_seeds
 from jaxmed.train.evaluate import predict
-from jaxmed.train.run import build_run
 from jaxmed.train.workdir import write_config
 
 log = logging.getLogger(__name__)
@@ -77,11 +76,10 @@ def train_runs(config, workdir: str) -> list[str]:
         write_config(cfgs[0], group)  # the first run's; its name lists the others' seeds
         for c, r in zip(cfgs, todo):
             write_config(c, dirs[r])
-        fitted = train_seeds.fit_each([build_run(c) for c in cfgs], [dirs[r] for r in todo],
-                                      group, what="PruneCXR training runs")
-        for c, r, (_, final) in zip(cfgs, todo, fitted):
-            comparison.write_result(dirs[r], {"seed": c.seed,
-                                              **{f"test/{k}": v for k, v in final.items()}})
+        results = supervised.fit_group(cfgs, [c.seed for c in cfgs], [dirs[r] for r in todo],
+                                       group, what="PruneCXR training runs")
+        for c, r, result in zip(cfgs, todo, results):
+            comparison.write_result(dirs[r], {"seed": c.seed, **result})
         return dirs
     if len(todo) > 1 and config.prunecxr.parallel_seeds:
         train_seeds.say_sequential("PruneCXR training runs", len(todo), reason)
